@@ -1,0 +1,179 @@
+"""The public pipeline: analyze, prune, apply_plan (trace -> analyze -> score -> plan -> rewrite -> verify)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import importance as imp
+from . import rewrite
+from .channels import ChannelGraph, analyze_graph
+from .count import count
+from .errors import InputError, VerificationError
+from .plan import Plan, select
+from .trace import as_inputs, check_model, trace
+from .verify import VerifyReport, verify as _verify
+
+
+@dataclass
+class LayerWidth:
+    name: str
+    kind: str
+    before: tuple
+    after: tuple
+
+
+@dataclass
+class Report:
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    layers: list[LayerWidth]
+    pinned: list  # PinnedInfo
+    units: int
+    units_removed: int
+    verify: VerifyReport | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "params_before": self.params_before, "params_after": self.params_after,
+            "macs_before": self.macs_before, "macs_after": self.macs_after,
+            "units": self.units, "units_removed": self.units_removed,
+            "layers": [vars(l) for l in self.layers],
+            "pinned": [vars(p) for p in self.pinned],
+            "verify": self.verify.to_dict() if self.verify else None,
+        }
+
+    def summary(self) -> str:
+        return (f"params {self.params_before:,} -> {self.params_after:,} "
+                f"({self.params_after / max(self.params_before, 1):.1%}), "
+                f"MACs {self.macs_before:,} -> {self.macs_after:,} "
+                f"({self.macs_after / max(self.macs_before, 1):.1%}), "
+                f"{self.units_removed}/{self.units} units removed")
+
+
+@dataclass
+class PruneResult:
+    model: torch.fx.GraphModule
+    plan: Plan
+    report: Report
+    graph: ChannelGraph = field(repr=False)
+    removed_units: np.ndarray = field(repr=False)
+
+
+def analyze(model: torch.nn.Module, example_inputs) -> ChannelGraph:
+    """Trace and analyse without changing anything: units, groups, pins with reasons."""
+    check_model(model)
+    return analyze_graph(trace(copy.deepcopy(model), as_inputs(example_inputs)))
+
+
+def _check_args(ratio, round_to, max_ratio, ratios):
+    for name, r in [("ratio", ratio), ("max_ratio", max_ratio), *((f"ratios[{k!r}]", v) for k, v in (ratios or {}).items())]:
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not (0 <= r < 1) or math.isnan(r):
+            raise InputError(f"{name} must be a number in [0, 1), got {r!r}")
+    if round_to is not None and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to <= 0):
+        raise InputError(f"round_to must be a positive integer or None, got {round_to!r}")
+
+
+def _module_names(model: torch.nn.Module, items, what: str) -> list[str]:
+    by_id = {id(m): n for n, m in model.named_modules()}
+    names = set(by_id.values())
+    out = []
+    for it in items:
+        if isinstance(it, str):
+            if it not in names:
+                raise InputError(f"{what} names module {it!r}, which the model does not have")
+            out.append(it)
+        elif isinstance(it, torch.nn.Module) and id(it) in by_id:
+            out.append(by_id[id(it)])
+        else:
+            raise InputError(f"{what} entry {it!r} is not a submodule of the model (pass the module or its name)")
+    return out
+
+
+def _producer_roots(cg: ChannelGraph, prefixes: list[str]) -> dict[str, np.ndarray]:
+    """Per module name: roots of the channel classes its parameters produce (non-passive dims)."""
+    out = {}
+    for p in prefixes:
+        roots = []
+        for name, labs in cg.param_labels.items():
+            if name == p or name.startswith(p + ".") or p == "":
+                for d, arr in enumerate(labs):
+                    if (name, d) not in cg.passive and arr.any():
+                        roots.append(cg.roots[arr])
+        out[p] = np.unique(np.concatenate(roots)) if roots else np.zeros(0, np.int64)
+    return out
+
+
+def _widths(gm: torch.nn.Module) -> dict[str, tuple[str, tuple]]:
+    """Per module with a weight: (type, weight shape); attention reports its input projection."""
+    out = {}
+    for n, m in gm.named_modules():
+        w = getattr(m, "in_proj_weight", None)
+        w = w if isinstance(w, torch.Tensor) else getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor):
+            out[n] = (type(m).__name__, tuple(w.shape))
+    return out
+
+
+def prune(model: torch.nn.Module, example_inputs, *, ratio: float = 0.5, importance: str = "l2",
+          global_pruning: bool = False, round_to: int | None = None, ignored_layers=(),
+          ratios: dict | None = None, max_ratio: float = 0.9, inplace: bool = False,
+          verify: bool = True, seed: int = 0, atol: float = 1e-5, rtol: float = 1e-4) -> PruneResult:
+    """Remove the lowest-importance channels; return a physically smaller, verified model."""
+    _check_args(ratio, round_to, max_ratio, ratios)
+    check_model(model)
+    inputs = as_inputs(example_inputs)
+    ignored = _module_names(model, ignored_layers, "ignored_layers")
+    per_module = dict(zip(_module_names(model, list((ratios or {}).keys()), "ratios"), (ratios or {}).values()))
+    reference = copy.deepcopy(model) if (inplace and verify) else model
+    work = model if inplace else copy.deepcopy(model)
+    cg = analyze_graph(trace(work, inputs))
+    score = imp.scores(cg, importance, seed)
+    frozen = np.zeros(cg.uf.size, dtype=bool)
+    for roots in _producer_roots(cg, ignored).values():
+        frozen[roots] = True
+    group_ratio = {}
+    for name, roots in _producer_roots(cg, list(per_module)).items():
+        for r in roots.tolist():
+            if r in cg.unit_group:
+                group_ratio[cg.unit_group[r]] = per_module[name]
+    removed = select(cg, score, ratio=ratio, group_ratio=group_ratio, frozen=frozen,
+                     global_pruning=global_pruning, max_ratio=max_ratio, round_to=round_to)
+    settings = dict(ratio=ratio, importance=importance, global_pruning=global_pruning, round_to=round_to,
+                    max_ratio=max_ratio, ignored_layers=ignored, ratios=per_module, seed=seed)
+    plan = Plan.from_units(cg, removed, settings)
+    return _finish(reference, cg, removed, plan, inputs, work if inplace else None, verify, atol, rtol)
+
+
+def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs, *, verify: bool = True,
+               inplace: bool = False, atol: float = 1e-5, rtol: float = 1e-4) -> PruneResult:
+    """Re-apply a saved plan to a fresh instance of the same architecture."""
+    check_model(model)
+    inputs = as_inputs(example_inputs)
+    reference = copy.deepcopy(model) if (inplace and verify) else model
+    cg = analyze_graph(trace(model if inplace else copy.deepcopy(model), inputs))
+    removed = plan.to_units(cg)
+    return _finish(reference, cg, removed, plan, inputs, model if inplace else None, verify, atol, rtol)
+
+
+def _finish(reference, cg, removed, plan, inputs, caller_model, verify, atol, rtol) -> PruneResult:
+    """Rewrite, count, verify. `caller_model` is set when in place: its tensors are sliced too."""
+    params0, macs0 = count(cg.gm, inputs)
+    widths0 = _widths(cg.gm)
+    new = rewrite.apply(cg, removed, also=[caller_model] if caller_model is not None else [])
+    params1, macs1 = count(new, inputs)
+    widths1 = _widths(new)
+    layers = [LayerWidth(n, k, s, widths1.get(n, (k, s))[1]) for n, (k, s) in widths0.items()]
+    report = Report(params0, params1, macs0, macs1, layers, cg.pinned(), len(cg.units), len(removed))
+    result = PruneResult(new, plan, report, cg, removed)
+    if verify:
+        report.verify = _verify(reference, result, inputs, atol=atol, rtol=rtol)
+        if not report.verify.ok:
+            raise VerificationError(report.verify.message, report.verify)
+    return result

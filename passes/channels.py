@@ -1,0 +1,341 @@
+"""Channel analysis: run the label rules over a traced graph and group atoms into pruning units.
+
+`analyze_graph(traced)` walks the fx graph once in topological order. Each node's rule (the one
+table in `passes.rules`) reads the labels of its inputs and returns the labels of its output,
+unifying and pinning atoms on the way (see `passes.labels`). The result, `ChannelGraph`, holds:
+
+- `units`: the union-find classes that can be removed: they appear in a parameter that
+  produces channels (conv/linear output rows, loose parameters) and in an activation, and no
+  rule pinned them;
+- `groups`: units that share a producing parameter dimension (the channels of one layer and
+  everything coupled to it); ratios, ranking and round_to apply per group;
+- `pins`: why each pinned channel is pinned (model input/output, an op without a rule, ...);
+- `reductions`: nodes that sum, average or normalise over a channel dim; `verify` uses them
+  to decide where masked equivalence is exact.
+
+Analysis never mutates the model: it only reads the GraphModule and writes its own records.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from . import labels as L
+from .errors import AnalysisError
+from .trace import Traced
+
+
+@dataclass
+class SizeVal:
+    """An int (or float) computed from the size of channel dims: its atoms."""
+
+    atoms: np.ndarray
+
+
+@dataclass
+class Reduction:
+    node: str
+    arg: int  # which positional argument holds the reduced tensor
+    dims: tuple  # dims of that argument reduced over
+    kind: str  # "sum" (exact when removed positions are zeroed), "mean", "norm", "softmax", "max"
+    labels: tuple  # labels of those dims
+
+
+@dataclass
+class PinRecord:
+    atoms: np.ndarray
+    reason: str
+    node: str
+
+
+class Ctx:
+    """What a rule sees: labels of values, the module table, and the ways to relate atoms."""
+
+    def __init__(self, traced: Traced):
+        self.gm = traced.gm
+        self.uf = L.UnionFind()
+        self.values: dict[str, Any] = {}
+        self.pins: list[PinRecord] = []
+        self.reductions: list[Reduction] = []
+        self.param_labels: dict[str, L.Labels] = {}
+        self.passive: set[tuple[str, int]] = set()
+        self.modules = dict(self.gm.named_modules())
+        self.tensor_names: dict[int, str] = {}
+        for name, t in list(self.gm.named_parameters()) + list(self.gm.named_buffers()):
+            self.tensor_names.setdefault(id(t), name)
+        self.node: fx.Node | None = None
+
+    # -- relating atoms -------------------------------------------------------------------
+    def pin(self, atoms: np.ndarray, reason: str) -> None:
+        atoms = atoms[atoms != 0]
+        if atoms.size:
+            self.pins.append(PinRecord(atoms, reason, self.node.name if self.node else ""))
+
+    def pin_value(self, value: Any, reason: str) -> None:
+        for arr in iter_arrays(value):
+            self.pin(arr, reason)
+
+    def unify(self, a: np.ndarray, b: np.ndarray, reason: str | None = None) -> None:
+        L.unify(self.uf, self.pin, a, b, reason or self.why("meets a non-channel dim"))
+
+    def why(self, what: str) -> str:
+        n = self.node
+        return f"{what} at node '{n.name}' ({describe_target(n)})" if n is not None else what
+
+    def reduce(self, arg: int, dims: Iterable[int], kind: str, value: L.Labels) -> None:
+        dims = tuple(d % len(value) for d in dims)
+        if any(value[d].any() for d in dims):
+            self.reductions.append(Reduction(self.node.name, arg, dims, kind, tuple(value[d] for d in dims)))
+
+    # -- reading values ---------------------------------------------------------------------
+    def labels(self, arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            return self.values.get(arg.name)
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self.labels(a) for a in arg)
+        return None
+
+    def tensor_labels(self, t: torch.Tensor, name: str | None = None) -> L.Labels:
+        """Labels of a parameter, buffer or constant; fresh atoms the first time it is seen."""
+        key = self.tensor_names.get(id(t)) or name
+        if key is None:
+            raise AnalysisError(f"tensor of shape {tuple(t.shape)} is not an attribute of the model")
+        if key not in self.param_labels:
+            self.param_labels[key] = tuple(
+                self.uf.fresh(s) if s > 1 else L.zeros(s) for s in t.shape)
+        return self.param_labels[key]
+
+    def param(self, module: torch.nn.Module, attr: str) -> L.Labels | None:
+        t = getattr(module, attr, None)
+        return None if t is None else self.tensor_labels(t)
+
+    def mark_passive(self, module: torch.nn.Module | None, attr_or_tensor: Any, *dims: int) -> None:
+        t = getattr(module, attr_or_tensor, None) if module is not None else attr_or_tensor
+        if isinstance(t, torch.Tensor):
+            name = self.tensor_names.get(id(t))
+            for d in dims or range(t.dim()):
+                self.passive.add((name, d % max(t.dim(), 1)))
+
+    def module(self, node: fx.Node) -> torch.nn.Module:
+        return self.modules[node.target]
+
+    def shape(self, node: fx.Node) -> tuple:
+        return tuple(node.meta["tensor_meta"].shape)
+
+    def unlabeled_like(self, node: fx.Node) -> Any:
+        return map_meta(node.meta.get("tensor_meta"), lambda m: L.unlabeled(m.shape))
+
+
+def iter_arrays(value: Any, sizes: bool = True):
+    """Every atom array inside a value (tensor labels, tuples of them, SizeVals if `sizes`)."""
+    if isinstance(value, np.ndarray):
+        yield value
+    elif isinstance(value, SizeVal):
+        if sizes:
+            yield value.atoms
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from iter_arrays(v, sizes)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from iter_arrays(v, sizes)
+
+
+def map_meta(meta: Any, fn) -> Any:
+    if meta is None:
+        return None
+    if hasattr(meta, "shape") and hasattr(meta, "dtype"):
+        return fn(meta)
+    if isinstance(meta, (list, tuple)):
+        return type(meta)(map_meta(m, fn) for m in meta) if not hasattr(meta, "_fields") else tuple(map_meta(m, fn) for m in meta)
+    if isinstance(meta, dict):
+        return {k: map_meta(v, fn) for k, v in meta.items()}
+    return None
+
+
+def describe_target(node: fx.Node) -> str:
+    t = node.target
+    if node.op == "call_module":
+        return f"module {t}"
+    if node.op == "call_method":
+        return f"Tensor.{t}"
+    if callable(t):
+        mod = getattr(t, "__module__", "") or ""
+        return f"{mod}.{getattr(t, '__name__', str(t))}".lstrip(".")
+    return f"{node.op} {t}"
+
+
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Group:
+    """Units that share a producing parameter dim: one layer's channels and all coupled to it."""
+
+    id: int
+    units: np.ndarray  # unit roots
+    producers: list[str]  # "param_name[dim]" of the producing parameter dims
+    positions: dict = field(default_factory=dict)  # unit root -> #positions in first producer
+
+    @property
+    def size(self) -> int:
+        return int(self.units.size)
+
+
+@dataclass
+class PinnedInfo:
+    reason: str
+    node: str
+    channels: int  # distinct channel classes pinned for this reason
+
+
+@dataclass
+class ChannelGraph:
+    """Result of the analysis: units, groups, pins, and the labels behind them."""
+
+    traced: Traced
+    uf: L.UnionFind
+    values: dict
+    param_labels: dict
+    passive: set
+    pins: list
+    reductions: list
+    roots: np.ndarray = None  # atom -> class root
+    units: np.ndarray = None  # roots of removable classes
+    groups: list = None
+    unit_group: dict = None  # root -> group id
+    pinned_roots: np.ndarray = None
+    pin_reason: dict = None  # root -> PinRecord
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        return self.traced.gm
+
+    def classes(self, atoms: np.ndarray) -> np.ndarray:
+        return self.roots[atoms]
+
+    def pinned(self) -> list[PinnedInfo]:
+        """One line per (reason, node): how many channel classes it pins."""
+        seen: dict[tuple[str, str], set] = {}
+        for rec in self.pins:
+            seen.setdefault((rec.reason, rec.node), set()).update(np.unique(self.roots[rec.atoms]).tolist())
+        return [PinnedInfo(r, n, len(s)) for (r, n), s in seen.items()]
+
+    def summary(self) -> str:
+        lines = [f"{len(self.units)} units in {len(self.groups)} groups; "
+                 f"{len(self.pinned_roots)} channel classes pinned"]
+        for g in self.groups[:50]:
+            lines.append(f"  group {g.id}: {g.size} units, producers {', '.join(g.producers[:4])}"
+                         + (" ..." if len(g.producers) > 4 else ""))
+        for p in self.pinned()[:50]:
+            lines.append(f"  pinned {p.channels}: {p.reason}")
+        return "\n".join(lines)
+
+
+def analyze_graph(traced: Traced) -> ChannelGraph:
+    from .rules import rule_for  # the table; imported here to keep labels/channels rule-free
+
+    ctx = Ctx(traced)
+    for node in traced.gm.graph.nodes:
+        ctx.node = node
+        rule = rule_for(node, ctx)
+        if not rule.shape_args:
+            _pin_size_values(ctx, node)
+        try:
+            ctx.values[node.name] = rule.labels(ctx, node)
+        except AnalysisError:
+            raise
+        except Exception as e:  # a rule bug or an unexpected argument form: name the node
+            raise AnalysisError(
+                f"analysis failed at node '{node.name}' ({describe_target(node)}): "
+                f"{type(e).__name__}: {e}") from e
+    ctx.node = None
+    return _finish(traced, ctx)
+
+
+def _pin_size_values(ctx: Ctx, node: fx.Node) -> None:
+    """A channel size used as a number (not as a shape) changes meaning when pruned: pin it."""
+    if node.op == "call_function" and node.target in _INT_ARITH:
+        return
+    for a in list(node.args) + list(node.kwargs.values()):
+        for v in _flat(ctx.labels(a)):
+            if isinstance(v, SizeVal):
+                ctx.pin(v.atoms, ctx.why("a channel count is used as a number"))
+
+
+_INT_ARITH = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+              operator.mod, operator.pow, operator.neg, operator.eq, operator.ne, operator.lt,
+              operator.le, operator.gt, operator.ge, operator.getitem}
+
+
+def _flat(v: Any):
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            yield from _flat(x)
+    elif v is not None:
+        yield v
+
+
+def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
+    uf = ctx.uf
+    roots = uf.roots()
+    cg = ChannelGraph(traced, uf, ctx.values, ctx.param_labels, ctx.passive, ctx.pins, ctx.reductions)
+    cg.roots = roots
+    pinned = np.zeros(uf.size, dtype=bool)
+    cg.pin_reason = {}
+    for rec in ctx.pins:
+        r = roots[rec.atoms]
+        for root in np.unique(r[~pinned[r]]).tolist():
+            cg.pin_reason[root] = rec
+        pinned[r] = True
+    pinned[0] = True
+    cg.pinned_roots = np.flatnonzero(pinned & (roots == np.arange(uf.size)))
+    in_act = np.zeros(uf.size, dtype=bool)
+    for v in ctx.values.values():
+        for arr in iter_arrays(v, sizes=False):
+            in_act[roots[arr]] = True
+    # producer dims: every labelled parameter dim that no rule declared passive
+    parent = {}  # union of units sharing a producer dim -> group
+
+    def find(x):
+        while parent.get(x, x) != x:
+            x = parent[x]
+        return x
+
+    producers: dict[int, list[str]] = {}
+    in_producer = np.zeros(uf.size, dtype=bool)
+    for name, labs in ctx.param_labels.items():
+        for d, arr in enumerate(labs):
+            if (name, d) in ctx.passive or not arr.any():
+                continue
+            r = np.unique(roots[arr])
+            r = r[~pinned[r] & in_act[r]]
+            if r.size == 0:
+                continue
+            in_producer[r] = True
+            head = find(int(r[0]))
+            for x in r[1:].tolist():
+                fx_ = find(x)
+                if fx_ != head:
+                    parent[fx_] = head
+            producers.setdefault(head, []).append(f"{name}[{d}]")
+    units = np.flatnonzero(in_producer)
+    by_group: dict[int, list[int]] = {}
+    for u in units.tolist():
+        by_group.setdefault(find(u), []).append(u)
+    # merge producer names recorded under heads that later got re-parented
+    names: dict[int, list[str]] = {}
+    for head, ns in producers.items():
+        names.setdefault(find(head), []).extend(ns)
+    cg.units = units
+    cg.groups = []
+    cg.unit_group = {}
+    for gid, (head, us) in enumerate(sorted(by_group.items(), key=lambda kv: min(kv[1]))):
+        cg.groups.append(Group(gid, np.array(sorted(us), dtype=np.int64), names.get(head, [])))
+        for u in us:
+            cg.unit_group[u] = gid
+    return cg

@@ -1,0 +1,47 @@
+"""Importance criteria: a score per pruning unit (higher = keep).
+
+A unit's score adds up, over every parameter slice it removes (producer rows, biases, norm
+affine parameters, consumer columns), the slice's norm: `l1` sums |w|, `l2` sums the slices'
+L2 norms, `random` draws a seeded uniform number. Scores are comparable within a group; global
+ranking normalises them by the group mean (see `passes.plan`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .channels import ChannelGraph
+from .errors import InputError
+
+CRITERIA = ("l1", "l2", "random")
+
+
+def _slice_norms(t: torch.Tensor, dim: int, kind: str) -> np.ndarray:
+    x = t.detach().float().movedim(dim, 0).reshape(t.shape[dim], -1)
+    if kind == "l1":
+        return x.abs().sum(1).numpy()
+    return x.pow(2).sum(1).sqrt().numpy()
+
+
+def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray:
+    """Score per atom-class root (index by unit root); only `cg.units` entries are meaningful."""
+    if criterion not in CRITERIA:
+        raise InputError(f"importance must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    out = np.zeros(cg.uf.size, dtype=np.float64)
+    if criterion == "random":
+        out[cg.units] = np.random.default_rng(seed).random(len(cg.units))
+        return out
+    for name, labs in cg.param_labels.items():
+        t = tensor_at(cg.gm, name)
+        for d, arr in enumerate(labs):
+            if arr.any():
+                np.add.at(out, cg.roots[arr], _slice_norms(t, d, criterion))
+    return out
+
+
+def tensor_at(root: torch.nn.Module, name: str) -> torch.Tensor:
+    obj = root
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj

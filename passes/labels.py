@@ -1,0 +1,174 @@
+"""Channel labels: atoms, a vectorised union-find over them, and the label algebra of views.
+
+Every position of every tensor dimension carries an *atom* id (an int64). Atom 0 is special:
+it marks a position that is not a channel (batch, spatial, sequence, a size-1 dim, anything
+created from literals). A tensor's labels are a tuple with one atom array per dimension.
+
+Ops relate atoms: two positions that must be removed together are *unified*; a position that
+must never be removed is *pinned* (with a reason). Atoms that end in the same union-find class
+form one pruning unit. Removing a unit deletes every position whose atom is in that class.
+
+The only non-obvious part is reshaping. Merging dims (flatten) repeats the labels of the one
+labelled dim over the others; splitting a labelled dim first looks for the dim along which the
+classes already vary (this inverts an earlier flatten exactly); when there is none it keeps the
+labels on the largest part and unifies across the others (e.g. view(B, N, 12, 64): position d
+of every head becomes one unit, i.e. head-width pruning; channel shuffle's (2, C/2) split:
+channel i of both halves become one unit). Both choices keep every tensor rectangular.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+Labels = tuple  # tuple[np.ndarray, ...], one int64 atom array per dimension
+
+
+class UnionFind:
+    """Union-find over int64 atom ids; `union` and `find` take whole arrays."""
+
+    def __init__(self, capacity: int = 4096):
+        self.parent = np.arange(capacity, dtype=np.int64)
+        self.size = 1  # atom 0 is the non-channel atom; it is never united with anything
+
+    def fresh(self, n: int) -> np.ndarray:
+        if self.size + n > len(self.parent):
+            grow = max(len(self.parent), n)
+            self.parent = np.concatenate([self.parent, np.arange(len(self.parent), len(self.parent) + grow)])
+        ids = np.arange(self.size, self.size + n, dtype=np.int64)
+        self.size += n
+        return ids
+
+    def find(self, x: np.ndarray) -> np.ndarray:
+        p = self.parent
+        r = p[x]
+        while True:
+            rr = p[r]
+            if np.array_equal(rr, r):
+                break
+            r = rr
+        p[x] = r
+        return r
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = self.find(a), self.find(b)
+        keep = a != b
+        a, b = a[keep], b[keep]
+        while a.size:
+            lo, hi = np.minimum(a, b), np.maximum(a, b)
+            np.minimum.at(self.parent, hi, lo)  # hi is a root; conflicting pairs are redone below
+            a, b = self.find(lo), self.find(hi)
+            keep = a != b
+            a, b = a[keep], b[keep]
+
+    def roots(self) -> np.ndarray:
+        return self.find(np.arange(self.size, dtype=np.int64))
+
+
+def zeros(n: int) -> np.ndarray:
+    return np.zeros(n, dtype=np.int64)
+
+
+def unlabeled(shape: Sequence[int]) -> Labels:
+    return tuple(zeros(int(s)) for s in shape)
+
+
+PinFn = Callable[[np.ndarray, str], None]
+
+
+def unify(uf: UnionFind, pin: PinFn, a: np.ndarray, b: np.ndarray, reason: str) -> None:
+    """Positions i of `a` and `b` are one channel. A channel meeting a non-channel is pinned."""
+    if a is b:
+        return
+    if a.shape != b.shape:
+        raise ValueError(f"unify: lengths differ ({a.shape[0]} vs {b.shape[0]})")
+    az, bz = a == 0, b == 0
+    both = ~az & ~bz
+    if both.any():
+        uf.union(a[both], b[both])
+    if (az & ~bz).any():
+        pin(b[az & ~bz], reason)
+    if (bz & ~az).any():
+        pin(a[bz & ~az], reason)
+
+
+def unify_all(uf: UnionFind, pin: PinFn, arrays: Sequence[np.ndarray], reason: str) -> np.ndarray:
+    for other in arrays[1:]:
+        unify(uf, pin, arrays[0], other, reason)
+    return arrays[0]
+
+
+def merge(pin: PinFn, parts: Sequence[np.ndarray], reason: str) -> np.ndarray:
+    """Flatten consecutive dims into one. At most one part stays labelled; extra ones are pinned."""
+    labelled = [i for i, p in enumerate(parts) if p.any()]
+    for i in labelled[1:]:
+        pin(parts[i], reason)
+    sizes = [len(p) for p in parts]
+    if not labelled:
+        return zeros(int(np.prod(sizes)))
+    k = labelled[0]
+    shape = [1] * len(parts)
+    shape[k] = sizes[k]
+    return np.broadcast_to(parts[k].reshape(shape), sizes).reshape(-1).copy()
+
+
+def split(uf: UnionFind, arr: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
+    """Unflatten one dim into `sizes`; see the module docstring for which part keeps labels."""
+    sizes = [int(s) for s in sizes]
+    if len(sizes) == 1:
+        return [arr]
+    if not arr.any():
+        return [zeros(s) for s in sizes]
+    grid = arr.reshape(sizes)
+    classes = uf.find(arr).reshape(sizes)
+    out = [zeros(s) for s in sizes]
+    for k, s in enumerate(sizes):
+        if s == 1:
+            continue
+        first = _first_along(classes, k)
+        if np.array_equal(np.broadcast_to(first, classes.shape), classes):
+            out[k] = _first_along(grid, k).reshape(-1)
+            return out
+    k = max(range(len(sizes)), key=lambda i: (sizes[i], -i))
+    moved = np.moveaxis(grid, k, 0).reshape(sizes[k], -1)
+    for col in range(1, moved.shape[1]):
+        uf.union(moved[:, 0], moved[:, col])
+    out[k] = moved[:, 0].copy()
+    return out
+
+
+def _first_along(a: np.ndarray, k: int) -> np.ndarray:
+    """`a` indexed at 0 on every axis but k, keeping dims (broadcastable back to a.shape)."""
+    idx = tuple(slice(None) if i == k else slice(0, 1) for i in range(a.ndim))
+    return a[idx]
+
+
+def reshape(uf: UnionFind, pin: PinFn, labels: Labels, in_shape: Sequence[int],
+            out_shape: Sequence[int], reason: str) -> Labels:
+    """Labels of `x.view(out_shape)` given the labels of x (shapes fully known, no -1)."""
+    in_shape, out_shape = [int(s) for s in in_shape], [int(s) for s in out_shape]
+    out: list[np.ndarray] = []
+    i = j = 0
+    while i < len(in_shape) or j < len(out_shape):
+        # skip size-1 dims on both sides (they carry no channels)
+        if i < len(in_shape) and in_shape[i] == 1 and (j >= len(out_shape) or out_shape[j] != 1):
+            if labels[i].any():
+                pin(labels[i], reason)
+            i += 1
+            continue
+        if j < len(out_shape) and out_shape[j] == 1 and (i >= len(in_shape) or in_shape[i] != 1):
+            out.append(zeros(1))
+            j += 1
+            continue
+        gi, gj = [i], [j]
+        pi, pj = in_shape[i], out_shape[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                gi.append(i); pi *= in_shape[i]; i += 1
+            else:
+                gj.append(j); pj *= out_shape[j]; j += 1
+        flat = merge(pin, [labels[k] for k in gi], reason)
+        out.extend(split(uf, flat, [out_shape[k] for k in gj]))
+    return tuple(out)

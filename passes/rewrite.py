@@ -1,0 +1,153 @@
+"""Rewrite: apply removed units to the analysed GraphModule, producing a smaller model.
+
+1. Every labelled tensor (parameters, buffers, graph constants) loses the positions whose atom
+   class is removed, in every dimension. Tied tensors stay tied.
+2. Each node's rule fixes what slicing alone does not (`Rule.rewrite`): literal sizes, module
+   attributes, replaced modules.
+3. The graph is recompiled and run once through ShapeProp; every tensor node must have exactly
+   the shape the labels promise (kept positions per dim). A mismatch is a `RewriteError` that
+   names the node: a wrong model is never returned silently.
+
+The GraphModule given is modified in place; `passes.prune` hands it a deep copy unless the
+caller asked for `inplace=True`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .channels import ChannelGraph, describe_target, map_meta
+from .errors import RewriteError
+from .plan import removed_mask
+from .rules import rule_for
+from .trace import eval_mode
+
+
+class RewriteCtx:
+    """What a rule's rewrite sees: kept counts of label arrays, modules, the original labels."""
+
+    def __init__(self, cg: ChannelGraph, removed_roots: np.ndarray):
+        self.cg = cg
+        self.gm = cg.gm
+        self.removed = removed_mask(cg, removed_roots)
+        self.modules = dict(self.gm.named_modules())
+        self.names = {id(t): n for n, t in list(self.gm.named_parameters()) + list(self.gm.named_buffers())}
+
+    def keep(self, arr: np.ndarray) -> np.ndarray:
+        return ~self.removed[arr]
+
+    def count(self, arr: np.ndarray) -> int:
+        return int(len(arr) - self.removed[arr].sum())
+
+    def labels_of(self, n: Any):
+        return self.cg.values.get(n.name) if isinstance(n, fx.Node) else None
+
+    def new_shape(self, node: fx.Node) -> tuple:
+        return tuple(self.count(a) for a in self.cg.values[node.name])
+
+    def module(self, node: fx.Node) -> torch.nn.Module:
+        return self.modules[node.target]
+
+    def param_labels(self, t: torch.Tensor):
+        return self.cg.param_labels[self.names[id(t)]]
+
+    def replace_module(self, target: str, new: torch.nn.Module) -> None:
+        parent, _, leaf = target.rpartition(".")
+        setattr(self.gm.get_submodule(parent) if parent else self.gm, leaf, new)
+        self.modules[target] = new
+
+    def error(self, node: fx.Node, msg: str) -> RewriteError:
+        return RewriteError(f"node '{node.name}' ({describe_target(node)}): {msg}")
+
+
+def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Slice every labelled tensor of `roots` (the GraphModule, and the original when in place)."""
+    new_by_old: dict[int, torch.Tensor] = {}
+    sliced: dict[str, torch.Tensor] = {}
+    gm = cg.gm
+    for name, labs in cg.param_labels.items():
+        old = _get(gm, name)
+        new = old
+        for d, arr in enumerate(labs):
+            rm = removed[arr]
+            if rm.any():
+                new = new.index_select(d, torch.from_numpy(np.flatnonzero(~rm)))
+        if new is old:
+            continue
+        if isinstance(old, torch.nn.Parameter):
+            new = torch.nn.Parameter(new.detach().clone(), requires_grad=old.requires_grad)
+        new_by_old[id(old)] = new
+        sliced[name] = new
+    for root in roots:
+        for mod in root.modules():
+            for store in (mod._parameters, mod._buffers):
+                for k, t in store.items():
+                    if t is not None and id(t) in new_by_old:
+                        store[k] = new_by_old[id(t)]
+            for k, v in list(vars(mod).items()):  # graph constants (plain tensor attributes)
+                if isinstance(v, torch.Tensor) and id(v) in new_by_old:
+                    setattr(mod, k, new_by_old[id(v)])
+    return sliced
+
+
+def _get(root: torch.nn.Module, name: str) -> torch.Tensor:
+    obj = root
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def apply(cg: ChannelGraph, removed_roots: np.ndarray, *, also: list[torch.nn.Module] = ()) -> fx.GraphModule:
+    rctx = RewriteCtx(cg, removed_roots)
+    slice_tensors(cg, rctx.removed, [cg.gm, *also])
+    for node in list(cg.gm.graph.nodes):
+        rule = rule_for(node, rctx)
+        if rule.rewrite is not None:
+            rule.rewrite(rctx, node)
+    cg.gm.recompile()
+    check_shapes(rctx, cg.traced.example_inputs)
+    return cg.gm
+
+
+def check_shapes(rctx: RewriteCtx, inputs: tuple) -> None:
+    gm = rctx.gm
+    with eval_mode(gm), torch.no_grad():
+        try:
+            ShapeProp(gm).propagate(*inputs)
+        except Exception as e:
+            raise RewriteError(f"the rewritten model does not run: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    for node in gm.graph.nodes:
+        want = rctx.cg.values.get(node.name)
+        meta = node.meta.get("tensor_meta")
+        got = map_meta(meta, lambda m: tuple(m.shape))
+        exp = _expected(rctx, want)
+        if exp is not None and got is not None and not _same(exp, got):
+            raise rctx.error(node, f"has shape {got} after the rewrite, the plan expects {exp}")
+
+
+def _expected(rctx: RewriteCtx, v: Any):
+    if isinstance(v, tuple) and v and all(isinstance(a, np.ndarray) for a in v):
+        return tuple(rctx.count(a) for a in v)
+    if isinstance(v, tuple) and len(v) == 0:
+        return ()
+    if isinstance(v, (tuple, list)):
+        return tuple(_expected(rctx, x) for x in v)
+    return None
+
+
+def _same(exp: Any, got: Any) -> bool:
+    if exp is None or got is None:
+        return True
+    if isinstance(exp, tuple) and exp and all(isinstance(e, int) for e in exp):
+        return tuple(got) == exp
+    if isinstance(exp, tuple) and isinstance(got, (tuple, list)):
+        if exp == () and tuple(got) == ():
+            return True
+        return len(exp) == len(got) and all(_same(e, g) for e, g in zip(exp, got))
+    return True

@@ -1,0 +1,265 @@
+"""Layer rules: conv, linear, embedding, normalisation, PReLU (modules and functional forms).
+
+Producers (conv/linear output rows, embedding columns) make fresh atoms through their
+parameters; consumers unify their input dim with the weight's input dim, which is marked
+*passive* (it does not define a group). Grouped convs keep every group the same size:
+depthwise convs (one input channel per group) remove whole groups, so `groups` shrinks with
+the channels; other grouped convs remove position j of every group at once, keeping `groups`.
+Norm layers label their parameters with the channels they normalise; LayerNorm and GroupNorm
+record a "norm" reduction when those channels can be removed (their statistics change).
+Rewrites set module attributes from the sliced parameters (in/out_channels, groups,
+num_features, normalized_shape, ...), so the module is consistent with its weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import labels as L
+from .base import UNKNOWN, Rule, arg, set_arg
+
+
+def _spatial_out(node, x, ch_out, ch):
+    shape = tuple(node.meta["tensor_meta"].shape)
+    out = [x[k] if k < ch and len(x[k]) == shape[k] else L.zeros(shape[k]) for k in range(len(shape))]
+    out[ch] = ch_out
+    return tuple(out)
+
+
+def conv_labels(ctx, node, x, w, b, groups):
+    ch = len(x) - (len(w) - 2) - 1  # 1 for batched input, 0 for unbatched
+    reason = ctx.why("conv input meets a non-channel dim")
+    if groups == 1:
+        ctx.unify(x[ch], w[1], reason)
+    else:
+        c, o = len(x[ch]), len(w[0])
+        in_per, out_per = c // groups, o // groups
+        w0 = w[0].reshape(groups, out_per)
+        if in_per == 1:  # depthwise (with multiplier): a channel and its group go together
+            for j in range(out_per):
+                ctx.unify(x[ch], w0[:, j].copy(), reason)
+        else:  # position j of every group goes together; groups stay
+            xg = x[ch].reshape(groups, in_per)
+            for g in range(groups):
+                ctx.unify(xg[g].copy(), w[1], reason)
+            for g in range(1, groups):
+                ctx.unify(w0[0].copy(), w0[g].copy(), reason)
+    if b is not None:
+        ctx.unify(b[0], w[0], reason)
+    return _spatial_out(node, x, w[0], ch)
+
+
+def _conv(ctx, node):
+    m = ctx.module(node)
+    w, b = ctx.param(m, "weight"), ctx.param(m, "bias")
+    ctx.mark_passive(m, "weight", 1)
+    return conv_labels(ctx, node, ctx.labels(node.args[0]), w, b, m.groups)
+
+
+def _conv_rewrite(rctx, node):
+    m = rctx.module(node)
+    w = m.weight
+    if m.groups > 1 and m.in_channels // m.groups == 1:
+        m.groups = w.shape[0] // (m.out_channels // m.groups)
+    m.out_channels = w.shape[0]
+    m.in_channels = w.shape[1] * m.groups
+
+
+def _conv_fn(ctx, node):
+    groups = arg(node, 6, "groups", 1)
+    if groups != 1:
+        return UNKNOWN.labels(ctx, node)
+    w_node = arg(node, 1, "weight")
+    b_node = arg(node, 2, "bias")
+    w = ctx.labels(w_node)
+    ctx.mark_passive(None, _tensor_of(ctx, w_node), 1)
+    return conv_labels(ctx, node, ctx.labels(node.args[0]), w, ctx.labels(b_node), 1)
+
+
+def _conv_t(ctx, node):
+    m = ctx.module(node)
+    if m.groups != 1:
+        return UNKNOWN.labels(ctx, node)
+    x = ctx.labels(node.args[0])
+    w, b = ctx.param(m, "weight"), ctx.param(m, "bias")  # weight: [in, out, k...]
+    ch = len(x) - (len(w) - 2) - 1
+    ctx.unify(x[ch], w[0], ctx.why("conv input meets a non-channel dim"))
+    ctx.mark_passive(m, "weight", 0)
+    if b is not None:
+        ctx.unify(b[0], w[1])
+    return _spatial_out(node, x, w[1], ch)
+
+
+def _conv_t_rewrite(rctx, node):
+    m = rctx.module(node)
+    m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+
+
+def linear_labels(ctx, x, w, b):
+    ctx.unify(x[-1], w[1], ctx.why("linear input meets a non-channel dim"))
+    if b is not None:
+        ctx.unify(b[0], w[0])
+    return tuple(x[:-1]) + (w[0],)
+
+
+def _linear(ctx, node):
+    m = ctx.module(node)
+    ctx.mark_passive(m, "weight", 1)
+    return linear_labels(ctx, ctx.labels(node.args[0]), ctx.param(m, "weight"), ctx.param(m, "bias"))
+
+
+def _linear_rewrite(rctx, node):
+    m = rctx.module(node)
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _linear_fn(ctx, node):
+    w_node = arg(node, 1, "weight")
+    ctx.mark_passive(None, _tensor_of(ctx, w_node), 1)
+    return linear_labels(ctx, ctx.labels(node.args[0]), ctx.labels(w_node),
+                         ctx.labels(arg(node, 2, "bias")))
+
+
+def _tensor_of(ctx, n):
+    """The parameter a get_attr node reads (None for anything else)."""
+    if n is None or getattr(n, "op", None) != "get_attr":
+        return None
+    obj = ctx.gm
+    for part in n.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _embedding(ctx, node):
+    m = ctx.module(node)
+    w = ctx.param(m, "weight")
+    ctx.pin(w[0], ctx.why("embedding rows are looked up by index"))
+    return tuple(ctx.labels(node.args[0])) + (w[1],)
+
+
+def _embedding_rewrite(rctx, node):
+    m = rctx.module(node)
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
+def _channel_params(ctx, m, x_ch, names):
+    for name in names:
+        p = ctx.param(m, name)
+        if p is not None and len(p) == 1 and len(p[0]) == len(x_ch):
+            ctx.unify(x_ch, p[0], ctx.why("norm parameter"))
+            ctx.mark_passive(m, name)
+
+
+def _batch_norm(ctx, node):
+    m = ctx.module(node)
+    x = ctx.labels(node.args[0])
+    _channel_params(ctx, m, x[1], ("weight", "bias", "running_mean", "running_var"))
+    return x
+
+
+def _num_features_rewrite(rctx, node):
+    m = rctx.module(node)
+    m.num_features = rctx.count(rctx.labels_of(node.args[0])[1])
+
+
+def _batch_norm_fn(ctx, node):
+    x = ctx.labels(node.args[0])
+    for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+        n = arg(node, i, name)
+        p = ctx.labels(n)
+        if p is not None:
+            ctx.unify(x[1], p[0], ctx.why("norm parameter"))
+            ctx.mark_passive(None, _tensor_of(ctx, n))
+    return x
+
+
+def _layer_norm(ctx, node):
+    m = ctx.module(node)
+    x = ctx.labels(node.args[0])
+    k = len(m.normalized_shape)
+    for name in ("weight", "bias"):
+        p = ctx.param(m, name)
+        if p is not None:
+            for a, b in zip(x[-k:], p):
+                ctx.unify(a, b, ctx.why("norm parameter"))
+            ctx.mark_passive(m, name)
+    ctx.reduce(0, range(len(x) - k, len(x)), "norm", x)
+    return x
+
+
+def _layer_norm_rewrite(rctx, node):
+    m = rctx.module(node)
+    x = rctx.labels_of(node.args[0])
+    k = len(m.normalized_shape)
+    m.normalized_shape = tuple(rctx.count(a) for a in x[-k:])
+
+
+def _layer_norm_fn(ctx, node):
+    x = ctx.labels(node.args[0])
+    shape = arg(node, 1, "normalized_shape")
+    k = len(shape)
+    for i, name in ((2, "weight"), (3, "bias")):
+        n = arg(node, i, name)
+        p = ctx.labels(n)
+        if p is not None:
+            for a, b in zip(x[-k:], p):
+                ctx.unify(a, b, ctx.why("norm parameter"))
+            ctx.mark_passive(None, _tensor_of(ctx, n))
+    ctx.reduce(0, range(len(x) - k, len(x)), "norm", x)
+    return x
+
+
+def _layer_norm_fn_rewrite(rctx, node):
+    x = rctx.labels_of(node.args[0])
+    k = len(arg(node, 1, "normalized_shape"))
+    set_arg(node, 1, "normalized_shape", [rctx.count(a) for a in x[-k:]])
+
+
+def _group_norm(ctx, node):
+    m = ctx.module(node)
+    x = ctx.labels(node.args[0])
+    c = x[1]
+    per = len(c) // m.num_groups
+    if per > 1:
+        grid = c.reshape(m.num_groups, per)
+        for g in range(1, m.num_groups):
+            ctx.unify(grid[0].copy(), grid[g].copy())
+        ctx.reduce(0, (1,), "norm", x)
+    _channel_params(ctx, m, c, ("weight", "bias"))
+    return x
+
+
+def _group_norm_rewrite(rctx, node):
+    m = rctx.module(node)
+    c = rctx.count(rctx.labels_of(node.args[0])[1])
+    if m.num_channels == m.num_groups:
+        m.num_groups = c
+    m.num_channels = c
+
+
+def _prelu(ctx, node):
+    m = ctx.module(node)
+    x = ctx.labels(node.args[0])
+    if m.num_parameters > 1:
+        _channel_params(ctx, m, x[1], ("weight",))
+    return x
+
+
+def _prelu_rewrite(rctx, node):
+    m = rctx.module(node)
+    m.num_parameters = m.weight.numel()
+
+
+CONV = Rule(_conv, _conv_rewrite)
+CONV_FN = Rule(_conv_fn)
+CONV_T = Rule(_conv_t, _conv_t_rewrite)
+LINEAR = Rule(_linear, _linear_rewrite)
+LINEAR_FN = Rule(_linear_fn)
+EMBEDDING = Rule(_embedding, _embedding_rewrite)
+BATCH_NORM = Rule(_batch_norm, _num_features_rewrite)
+BATCH_NORM_FN = Rule(_batch_norm_fn)
+INSTANCE_NORM = Rule(_batch_norm, _num_features_rewrite)
+LAYER_NORM = Rule(_layer_norm, _layer_norm_rewrite)
+LAYER_NORM_FN = Rule(_layer_norm_fn, _layer_norm_fn_rewrite)
+GROUP_NORM = Rule(_group_norm, _group_norm_rewrite)
+PRELU = Rule(_prelu, _prelu_rewrite)

@@ -1,0 +1,353 @@
+"""Shape and data-movement rules: views, permutes, cat/split, indexing, sizes, pooling.
+
+Labels move with the data: a permute permutes the label arrays, cat concatenates them, split
+and slicing cut them, a view merges/splits them (`passes.labels.reshape`). Rewrites replace
+literal sizes in the graph by the pruned sizes (`x.view(-1, 320)` -> `x.view(-1, 160)`), slice
+bounds by the number of kept positions before them, and `chunk`/`split` on a pruned dim by an
+explicit `torch.split` with the pruned section sizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .. import labels as L
+from ..channels import SizeVal
+from .base import UNKNOWN, Rule, arg, set_arg
+
+
+def _x(ctx, node):
+    return ctx.labels(node.args[0])
+
+
+def _out_shape(node):
+    return tuple(node.meta["tensor_meta"].shape)
+
+
+# -- reshape family -------------------------------------------------------------------------
+def _reshape(ctx, node):
+    x = _x(ctx, node)
+    return L.reshape(ctx.uf, ctx.pin, x, [len(a) for a in x], _out_shape(node),
+                     ctx.why("a view merges two channel dims"))
+
+
+def _reshape_rewrite(rctx, node):
+    if node.op == "call_module":
+        m = rctx.module(node)
+        if isinstance(m, torch.nn.Unflatten):
+            dim = m.dim % len(rctx.labels_of(node))
+            m.unflattened_size = tuple(rctx.new_shape(node)[dim:dim + len(m.unflattened_size)])
+        return
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    new = rctx.new_shape(node)
+    if name in ("view", "reshape"):
+        sizes = node.args[1:] if node.op == "call_method" else node.args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            node.args = (node.args[0], type(sizes[0])(_fix_sizes(sizes[0], new)))
+        elif sizes:
+            node.args = (node.args[0], *_fix_sizes(sizes, new))
+        elif "shape" in node.kwargs:
+            node.kwargs = {**node.kwargs, "shape": tuple(_fix_sizes(node.kwargs["shape"], new))}
+    elif name == "unflatten":
+        dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
+        dim = dim % len(new)
+        set_arg(node, 2, "sizes", tuple(_fix_sizes(sizes, new[dim:dim + len(sizes)])))
+
+
+def _fix_sizes(sizes, new):
+    return [n if isinstance(s, int) and s != -1 else s for s, n in zip(sizes, new)]
+
+
+def _permute(ctx, node):
+    x = _x(ctx, node)
+    dims = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = dims[0]
+    if not dims and "dims" in node.kwargs:
+        dims = node.kwargs["dims"]
+    return tuple(x[d] for d in dims)
+
+
+def _transpose(ctx, node):
+    x = list(_x(ctx, node))
+    d0, d1 = arg(node, 1, "dim0"), arg(node, 2, "dim1")
+    x[d0], x[d1] = x[d1], x[d0]
+    return tuple(x)
+
+
+def _expand(ctx, node):
+    x = _x(ctx, node)
+    out = _out_shape(node)
+    lead = len(out) - len(x)
+    return tuple(L.zeros(s) if k < lead or len(x[k - lead]) != s else x[k - lead]
+                 for k, s in enumerate(out))
+
+
+def _expand_rewrite(rctx, node):
+    if node.target != "expand":
+        return
+    sizes = node.args[1:]
+    new = rctx.new_shape(node)
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        node.args = (node.args[0], type(sizes[0])(_fix_sizes(sizes[0], new)))
+    else:
+        node.args = (node.args[0], *_fix_sizes(sizes, new))
+
+
+# -- cat, stack, split ------------------------------------------------------------------------
+def _cat(ctx, node):
+    parts = [ctx.labels(t) for t in arg(node, 0, "tensors")]
+    dim = arg(node, 1, "dim", 0)
+    nd = len(_out_shape(node))
+    dim %= nd
+    parts = [p for p in parts if len(p) == nd]  # torch.cat skips empty 1-D tensors
+    reason = ctx.why("cat of a channel with a non-channel dim")
+    out = []
+    for k in range(nd):
+        if k == dim:
+            out.append(np.concatenate([p[k] for p in parts]))
+        else:
+            for p in parts[1:]:
+                ctx.unify(parts[0][k], p[k], reason)
+            out.append(parts[0][k])
+    return tuple(out)
+
+
+def _stack(ctx, node):
+    parts = [ctx.labels(t) for t in arg(node, 0, "tensors")]
+    dim = arg(node, 1, "dim", 0) % (len(parts[0]) + 1)
+    for p in parts[1:]:
+        for a, b in zip(parts[0], p):
+            ctx.unify(a, b, ctx.why("stack of a channel with a non-channel dim"))
+    out = list(parts[0])
+    out.insert(dim, L.zeros(len(parts)))
+    return tuple(out)
+
+
+def _split(ctx, node):
+    x = _x(ctx, node)
+    dim = arg(node, 2, "dim", 0) % len(x)
+    metas = node.meta["tensor_meta"]
+    outs, start = [], 0
+    for m in metas:
+        n = m.shape[dim]
+        out = list(x)
+        out[dim] = x[dim][start:start + n]
+        outs.append(tuple(out))
+        start += n
+    return tuple(outs)
+
+
+def _split_rewrite(rctx, node):
+    x = rctx.labels_of(node.args[0])
+    dim = arg(node, 2, "dim", 0) % len(x)
+    if rctx.count(x[dim]) == len(x[dim]):
+        return
+    sizes, start = [], 0
+    for m in node.meta["tensor_meta"]:
+        n = m.shape[dim]
+        sizes.append(rctx.count(x[dim][start:start + n]))
+        start += n
+    if 0 in sizes:
+        raise rctx.error(node, f"split section sizes {sizes} on dim {dim}: a section would be empty")
+    node.op, node.target = "call_function", torch.split
+    node.args, node.kwargs = (node.args[0], sizes, dim), {}
+
+
+def _unbind(ctx, node):
+    x = _x(ctx, node)
+    dim = arg(node, 1, "dim", 0) % len(x)
+    ctx.pin(x[dim], ctx.why("unbind makes one output per position"))
+    rest = x[:dim] + x[dim + 1:]
+    return tuple(rest for _ in range(len(x[dim])))
+
+
+# -- indexing ---------------------------------------------------------------------------------
+def _getitem(ctx, node):
+    obj, idx = ctx.labels(node.args[0]), node.args[1]
+    if obj is None:
+        return None
+    if not _is_tensor_labels(obj):  # a tuple of outputs, a size tuple
+        if isinstance(idx, int):
+            return obj[idx]
+        if isinstance(idx, slice):
+            return obj[idx]
+        return None
+    return _index(ctx, node, obj, idx, rewrite=None)
+
+
+def _is_tensor_labels(v) -> bool:
+    return isinstance(v, tuple) and all(isinstance(a, np.ndarray) for a in v)
+
+
+def _expand_index(idx, ndim):
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    out = []
+    for i in idx:
+        if i is Ellipsis:
+            out.extend([slice(None)] * (ndim - n_real))
+        else:
+            out.append(i)
+    return out
+
+
+def _index(ctx, node, x, idx, rewrite):
+    """Labels of x[idx]; with `rewrite` (a RewriteCtx) returns the rewritten index instead."""
+    items = _expand_index(idx, len(x))
+    if any(isinstance(i, (fx.Node, list, torch.Tensor)) and not isinstance(i, slice) for i in items):
+        if rewrite is None:
+            return UNKNOWN.labels(ctx, node)
+        return idx
+    out, new_items, d = [], [], 0
+    for it in items:
+        if it is None:
+            out.append(L.zeros(1))
+            new_items.append(None)
+            continue
+        arr = x[d]
+        n = len(arr)
+        if isinstance(it, int):
+            i = it % n
+            if rewrite is None:
+                ctx.pin(arr[i:i + 1], ctx.why("indexed by a constant"))
+            new_items.append(rewrite.count(arr[:i]) if rewrite else it)
+        else:  # slice
+            parts = (it.start, it.stop, it.step)
+            dynamic = any(isinstance(p, fx.Node) for p in parts)
+            if dynamic:
+                if rewrite is None:
+                    meta_len = None
+                    if arr.any():
+                        ctx.pin(arr, ctx.why("sliced with a computed bound"))
+                    out.append(None)  # filled from meta below
+                new_items.append(it)
+            else:
+                start, stop, step = slice(*parts).indices(n)
+                if rewrite is None:
+                    piece = arr[start:stop:step]
+                    if step != 1 and arr.any():
+                        ctx.pin(arr, ctx.why("strided slice of a channel dim"))
+                    out.append(piece)
+                elif arr.any() and step == 1:
+                    new_items.append(slice(None if it.start is None else rewrite.count(arr[:start]),
+                                           None if it.stop is None else rewrite.count(arr[:stop]), None))
+                else:
+                    new_items.append(it)
+        d += 1
+    if rewrite is not None:
+        return tuple(new_items) if isinstance(idx, tuple) or len(new_items) != 1 else new_items[0]
+    out.extend(x[d:])
+    shape = _out_shape(node)
+    return tuple(L.zeros(s) if a is None else a for a, s in zip(out, shape))
+
+
+def _getitem_rewrite(rctx, node):
+    x = rctx.labels_of(node.args[0])
+    if not _is_tensor_labels(x) or not any(a.any() for a in x):
+        return
+    node.args = (node.args[0], _index(None, node, x, node.args[1], rewrite=rctx))
+
+
+# -- sizes ------------------------------------------------------------------------------------
+def _size_of(arr):
+    return SizeVal(arr) if arr.any() else None
+
+
+def _size(ctx, node):
+    x = _x(ctx, node)
+    d = arg(node, 1, "dim")
+    if d is None:
+        return tuple(_size_of(a) for a in x)
+    return _size_of(x[d])
+
+
+def _numel(ctx, node):
+    x = _x(ctx, node)
+    return _size_of(np.concatenate(x)) if x else None
+
+
+def _len(ctx, node):
+    x = _x(ctx, node)
+    return _size_of(x[0]) if _is_tensor_labels(x) and x else None
+
+
+def _getattr(ctx, node):
+    x, name = _x(ctx, node), node.args[1]
+    if not _is_tensor_labels(x):
+        return None
+    if name == "shape":
+        return tuple(_size_of(a) for a in x)
+    if name in ("T", "mT"):
+        return tuple(reversed(x)) if name == "T" else x[:-2] + (x[-1], x[-2])
+    if name in ("data",):
+        return x
+    return None
+
+
+def _create(ctx, node):
+    return ctx.unlabeled_like(node)
+
+
+# -- channel-preserving ops over other dims ---------------------------------------------------
+def _keep_leading(ctx, node):
+    """Pooling, interpolation: batch and channel dims keep labels, spatial dims are new."""
+    x = _x(ctx, node)
+    meta = node.meta["tensor_meta"]
+    if not hasattr(meta, "shape"):  # return_indices=True: (values, indices)
+        return tuple(_keep(x, m.shape, 2) for m in meta)
+    return _keep(x, meta.shape, 2)
+
+
+def _keep(x, shape, n):
+    return tuple(x[k] if k < n and len(x[k]) == s else L.zeros(s) for k, s in enumerate(shape))
+
+
+def _keep_last(ctx, node):
+    x = _x(ctx, node)
+    shape = _out_shape(node)
+    return tuple(L.zeros(s) for s in shape[:-1]) + (x[-1],)
+
+
+def _pad(ctx, node):
+    x = _x(ctx, node)
+    pad = arg(node, 1, "pad")
+    shape = _out_shape(node)
+    out = list(x)
+    for i in range(len(pad) // 2):
+        d = len(x) - 1 - i
+        if pad[2 * i] or pad[2 * i + 1]:
+            ctx.pin(x[d], ctx.why("padding of a channel dim"))
+            out[d] = L.zeros(shape[d])
+    return tuple(out)
+
+
+def _channel_shuffle(ctx, node):
+    x = _x(ctx, node)
+    g = ctx.module(node).groups
+    c = x[1]
+    parts = L.split(ctx.uf, c, [g, len(c) // g])
+    shuffled = L.merge(ctx.pin, [parts[1], parts[0]], ctx.why("channel shuffle"))
+    return (x[0], shuffled) + tuple(x[2:])
+
+
+RESHAPE = Rule(_reshape, _reshape_rewrite, shape_args=True)
+PERMUTE = Rule(_permute)
+TRANSPOSE = Rule(_transpose)
+EXPAND = Rule(_expand, _expand_rewrite, shape_args=True)
+CAT = Rule(_cat)
+STACK = Rule(_stack)
+SPLIT = Rule(_split, _split_rewrite, shape_args=True)
+UNBIND = Rule(_unbind)
+GETITEM = Rule(_getitem, _getitem_rewrite, shape_args=True)
+SIZE = Rule(_size)
+NUMEL = Rule(_numel)
+LEN = Rule(_len)
+GETATTR = Rule(_getattr)
+CREATE = Rule(_create, shape_args=True)
+KEEP_LEADING = Rule(_keep_leading, shape_args=True)
+KEEP_LAST = Rule(_keep_last)
+PAD = Rule(_pad)
+CHANNEL_SHUFFLE = Rule(_channel_shuffle)

@@ -1,0 +1,194 @@
+"""Verify: forward/shape check plus masked equivalence, the oracle for every pruned model.
+
+The *masked original* is the original model with every parameter slice the plan removes set
+to zero (producer rows, biases, norm affine and running statistics, consumer columns). The
+pruned model must give its outputs up to float rounding. Parameter masking alone is exact
+wherever removed channels only flow into layers whose columns were zeroed. Where the analysis
+recorded a reduction over a channel dim, the masked original is evaluated (an fx Interpreter)
+over the kept positions only, which is what the physically smaller model computes:
+
+- "sum" (matmul/einsum contraction, sum): removed positions are zeroed first;
+- "mean": the masked sum is divided by the kept count instead of the full count;
+- "softmax", "max": removed positions are set to -inf (+inf for a min) first;
+- "norm" of LayerNorm: mean and variance over kept positions only.
+
+GroupNorm statistics over a pruned dim have no such form here; such a model gets the forward
+and shape check, and the report says which node made equivalence inapplicable.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .errors import VerificationError
+from .plan import removed_mask
+from .trace import as_inputs, eval_mode
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    shapes_match: bool
+    exact: bool  # masked equivalence applies (and was checked) for this plan
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    inexact: list[str] = field(default_factory=list)  # why equivalence does not apply
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def flatten_outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flatten_outputs(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in flatten_outputs(v)]
+    return []
+
+
+def masked_copy(original: torch.nn.Module, plan) -> fx.GraphModule:
+    """A traced deep copy of `original` with the plan's removed slices zeroed (names as in the graph)."""
+    gm = fx.symbolic_trace(copy.deepcopy(original))
+    with torch.no_grad():
+        for name, dims in plan.removed.items():
+            t = _get(gm, name)
+            for d, idx in dims.items():
+                t.index_fill_(int(d), torch.tensor(idx, dtype=torch.long), 0.0)
+    return gm
+
+
+def _get(root, name):
+    obj = root
+    for p in name.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+class _KeptOnly(fx.Interpreter):
+    """Runs the masked original; reductions over channel dims see only kept positions."""
+
+    def __init__(self, gm, masks):
+        super().__init__(gm)
+        self.masks = masks  # node name -> [(arg index, dim, kind, keep bool tensor)]
+
+    def run_node(self, n):
+        if n.name not in self.masks:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        args = list(args)
+        specs = self.masks[n.name]
+        kind = specs[0][2]
+        if kind == "norm":
+            return self._layer_norm(n, args, kwargs, specs)
+        scale = 1.0
+        for i, d, k, keep in specs:
+            x = args[i]
+            shape = [1] * x.dim()
+            shape[d] = -1
+            keep_b = keep.view(shape)
+            if k in ("sum", "mean"):
+                args[i] = x * keep_b
+                if k == "mean":
+                    scale *= keep.numel() / max(int(keep.sum()), 1)
+            else:  # softmax, max: removed positions never win
+                fill = float("inf") if "amin" in str(n.target) else float("-inf")
+                args[i] = x.masked_fill(~keep_b, fill)
+        out = getattr(self, n.op)(n.target, tuple(args), kwargs)
+        return out * scale if scale != 1.0 else out
+
+    def _layer_norm(self, n, args, kwargs, specs):
+        x = args[0]
+        if n.op == "call_module":
+            m = self.fetch_attr(n.target)
+            w, b, eps, k = m.weight, m.bias, m.eps, len(m.normalized_shape)
+        else:
+            k = len(args[1] if len(args) > 1 else kwargs["normalized_shape"])
+            w = args[2] if len(args) > 2 else kwargs.get("weight")
+            b = args[3] if len(args) > 3 else kwargs.get("bias")
+            eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+        keep = torch.ones(x.shape[-k:], dtype=torch.bool)
+        for _, d, _, kp in specs:
+            shape = [1] * k
+            shape[d - (x.dim() - k)] = -1
+            keep = keep & kp.view(shape)
+        dims = tuple(range(-k, 0))
+        cnt = keep.sum()
+        xm = x * keep
+        mean = xm.sum(dims, keepdim=True) / cnt
+        var = (((x - mean) * keep) ** 2).sum(dims, keepdim=True) / cnt
+        y = (x - mean) / torch.sqrt(var + eps)
+        if w is not None:
+            y = y * w
+        if b is not None:
+            y = y + b
+        return y
+
+
+def _masks(cg, removed) -> tuple[dict, list[str]]:
+    masks, inexact = {}, []
+    for red in cg.reductions:
+        kinds = []
+        for d, arr in zip(red.dims, red.labels):
+            rm = removed[arr]
+            if rm.any():
+                kinds.append((red.arg, d, red.kind, torch.from_numpy(~rm)))
+        if not kinds:
+            continue
+        if red.kind == "norm" and not _is_layer_norm(cg, red.node):
+            inexact.append(f"'{red.node}' normalises over pruned channels (group statistics change)")
+            continue
+        masks.setdefault(red.node, []).extend(kinds)
+    return masks, inexact
+
+
+def _is_layer_norm(cg, name) -> bool:
+    for n in cg.traced.gm.graph.nodes:
+        if n.name == name:
+            if n.op == "call_module":
+                return isinstance(cg.traced.gm.get_submodule(n.target), torch.nn.LayerNorm)
+            return n.target is F.layer_norm
+    return False
+
+
+def verify(original: torch.nn.Module, result, example_inputs, *, atol: float = 1e-5,
+           rtol: float = 1e-4) -> VerifyReport:
+    """Check `result.model` against `original` and `result.plan` (see module docstring)."""
+    inputs = as_inputs(example_inputs)
+    with torch.no_grad(), eval_mode(original), eval_mode(result.model):
+        ref = flatten_outputs(original(*inputs))
+        got = flatten_outputs(result.model(*inputs))
+    shapes = [tuple(t.shape) for t in ref] == [tuple(t.shape) for t in got]
+    if not shapes:
+        return VerifyReport(False, False, False, message=(
+            f"output shapes differ: original {[tuple(t.shape) for t in ref]}, pruned {[tuple(t.shape) for t in got]}"))
+    cg = result.graph
+    removed = removed_mask(cg, result.removed_units)
+    masks, inexact = _masks(cg, removed)
+    if inexact:
+        return VerifyReport(True, True, False, inexact=inexact,
+                            message="forward and shapes ok; masked equivalence does not apply: " + "; ".join(inexact))
+    masked = masked_copy(original, result.plan)
+    with torch.no_grad(), eval_mode(masked):
+        want = flatten_outputs(_KeptOnly(masked, masks).run(*inputs) if masks else masked(*inputs))
+    abs_err = max((float((a - b).abs().max()) if a.numel() else 0.0) for a, b in zip(got, want))
+    scale = max((float(b.abs().max()) if b.numel() else 0.0) for b in want)
+    rel = abs_err / max(scale, 1e-12)
+    ok = abs_err <= atol or rel <= rtol
+    msg = (f"masked equivalence {'holds' if ok else 'FAILS'}: max abs error {abs_err:.3g}, "
+           f"max relative error {rel:.3g} (tolerance rtol={rtol:g}, atol={atol:g})")
+    return VerifyReport(ok, True, True, abs_err, rel, message=msg)
+
+
+def check(original, result, example_inputs, **tol) -> VerifyReport:
+    report = verify(original, result, example_inputs, **tol)
+    if not report.ok:
+        raise VerificationError(report.message, report)
+    return report
