@@ -12,9 +12,9 @@ import torch
 from . import importance as imp
 from . import rewrite
 from .channels import ChannelGraph, analyze_graph
-from .count import count
+from .count import count_params
 from .errors import InputError, VerificationError
-from .plan import Plan, select
+from .plan import Plan, keep_every_dim, select
 from .trace import as_inputs, check_model, trace
 from .verify import VerifyReport, verify as _verify
 
@@ -145,6 +145,7 @@ def prune(model: torch.nn.Module, example_inputs, *, ratio: float = 0.5, importa
                 group_ratio[cg.unit_group[r]] = per_module[name]
     removed = select(cg, score, ratio=ratio, group_ratio=group_ratio, frozen=frozen,
                      global_pruning=global_pruning, max_ratio=max_ratio, round_to=round_to)
+    removed = keep_every_dim(cg, removed, score, max_ratio)
     settings = dict(ratio=ratio, importance=importance, global_pruning=global_pruning, round_to=round_to,
                     max_ratio=max_ratio, ignored_layers=ignored, ratios=per_module, seed=seed)
     plan = Plan.from_units(cg, removed, settings)
@@ -164,10 +165,10 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs, *, verify: bo
 
 def _finish(reference, cg, removed, plan, inputs, caller_model, verify, atol, rtol) -> PruneResult:
     """Rewrite, count, verify. `caller_model` is set when in place: its tensors are sliced too."""
-    params0, macs0 = count(cg.gm, inputs)
+    params0, macs0 = count_params(cg.gm), cg.traced.macs
     widths0 = _widths(cg.gm)
-    new = rewrite.apply(cg, removed, also=[caller_model] if caller_model is not None else [])
-    params1, macs1 = count(new, inputs)
+    new, macs1 = rewrite.apply(cg, removed, also=[caller_model] if caller_model is not None else [])
+    params1 = count_params(new)
     widths1 = _widths(new)
     layers = [LayerWidth(n, k, s, widths1.get(n, (k, s))[1]) for n, (k, s) in widths0.items()]
     report = Report(params0, params1, macs0, macs1, layers, cg.pinned(), len(cg.units), len(removed))

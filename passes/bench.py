@@ -115,7 +115,8 @@ class _Candidate:
 
 def benchmark(models_or_onnx_paths: Sequence[ModelOrPath], inputs: Inputs, *,
               threads: int | None = None, warmup: int = 10, runs: int = 50,
-              provider: str = "CPUExecutionProvider", names: Sequence[str] | None = None) -> BenchReport:
+              provider: str = "CPUExecutionProvider",
+              names: Sequence[str] | None = None) -> BenchReport:
     """Time every model on `inputs` in one process, interleaved; the first row is the baseline."""
     items = list(models_or_onnx_paths)
     threads = (os.cpu_count() or 1) if threads is None else threads

@@ -8,14 +8,18 @@ example inputs against torch. With `dynamic_batch=True` dim 0 of every input and
 named "batch" and parity is also checked at twice the example batch: a file whose batch dim
 is only nominally dynamic fails here instead of in deployment.
 
-Exporter choice (measured with torch 2.14.1 on torchvision resnet18, a symbolic_trace'd
-resnet18, mobilenet_v3_small, convnext_tiny, swin_t and vit_b_16 at 1x3x224x224, dynamic
-batch, ORT parity at batch 1 and 2): the legacy TorchScript exporter (`dynamo=False`) exported
-all six correctly and 3-8x faster (resnet18 1.4 s vs 5.1 s, swin_t 4.2 s vs 32 s). The
-torch.export-based exporter (`dynamo=True`) exported all six too, but with a batch-1 example
-it silently specialised vit_b_16's attention reshapes to batch 1 (ORT fails at batch 2). So
-the TorchScript exporter is tried first and the dynamo exporter is the fallback when it raises.
-The TorchScript exporter is deprecated upstream; its DeprecationWarning is silenced here.
+Exporter choice, measured with torch 2.14.1 on torchvision resnet18, a symbolic_trace'd
+resnet18, mobilenet_v3_small, convnext_tiny, swin_t and vit_b_16 (1x3x224x224 example, dynamic
+batch, ORT parity at batch 1 and 2). The legacy TorchScript exporter (`dynamo=False`) exports
+all six correctly and 3-8x faster (bare export: resnet18 1.4 s vs 5.1 s, swin_t 4.2 s vs 32 s).
+The torch.export-based exporter (`dynamo=True`) exports all six, but from a batch-1 example it
+silently bakes batch 1 into vit_b_16's attention reshapes (the file fails in ORT at batch 2),
+and given `dynamic_shapes` with a named Dim it refuses convnext_tiny and swin_t ("Invalid
+ranges [2:1]"), so both exporters get `dynamic_axes`. The TorchScript exporter goes first, the
+dynamo exporter is the fallback when it raises. The TorchScript exporter is deprecated
+upstream; that warning (and the dynamo exporter's about `dynamic_axes`) is silenced here.
+Export runs with grad mode on: under `torch.no_grad()` nn.MultiheadAttention takes its fused
+fast path, which the TorchScript exporter cannot export (vit_b_16 then fell to dynamo).
 
 Everything is written to a temporary folder next to `path` and moved into place only after
 every check passed (external data files first, the .onnx file last, each by `os.replace`), so
@@ -45,10 +49,15 @@ from passes.errors import ExportError, InputError, ParityError
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 
-EXPORTERS = {"torchscript": False, "dynamo": True}  # name -> torch.onnx.export(dynamo=...), in order
+EXPORTERS = {"torchscript": False, "dynamo": True}  # tried in this order; value: dynamo=
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ATEN_OP = re.compile(r"aten(?:::|\.)\w+")
+# Warnings about choices made here on purpose, not actionable by the caller.
+_QUIET = (r"You are using the legacy TorchScript-based ONNX export",
+          r"The feature will be removed",
+          r"# 'dynamic_axes' is not recommended when dynamo=True",
+          r"from_dynamic_axes_to_dynamic_shapes is deprecated")
 _HINT = ("hint: the op may have no ONNX mapping at this opset or the forward may not trace; "
          "try another opset, replace the op, or run torch.export.export(model, inputs) to see "
          "where tracing stops")
@@ -99,7 +108,7 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
     inputs = as_input_tuple(example_inputs)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with evaluating(model), torch.no_grad():
+    with evaluating(model):  # grad mode stays on for the export: see the module docstring
         reference = torch_outputs(model, inputs)
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
             staged = Path(tmp) / path.name
@@ -113,10 +122,12 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
 
 def as_input_tuple(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
     """A tensor or a sequence of tensors -> a non-empty tuple of tensors, else InputError."""
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    single = isinstance(example_inputs, torch.Tensor)
+    inputs = (example_inputs,) if single else tuple(example_inputs)
     bad = [type(x).__name__ for x in inputs if not isinstance(x, torch.Tensor)]
     if not inputs or bad:
-        raise InputError(f"example_inputs must be a tensor or a non-empty tuple of tensors, got {bad or 'nothing'}")
+        raise InputError("example_inputs must be a tensor or a non-empty tuple of tensors, "
+                         f"got {bad or 'nothing'}")
     return inputs
 
 
@@ -133,22 +144,27 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def torch_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    """The model's output tensors, nested tuples/lists/dicts flattened in order."""
-    return [leaf for leaf in tree_leaves(model(*inputs)) if isinstance(leaf, torch.Tensor)]
+    """The model's output tensors (no grad), nested tuples/lists/dicts flattened in order."""
+    with torch.no_grad():
+        outputs = model(*inputs)
+    return [leaf for leaf in tree_leaves(outputs) if isinstance(leaf, torch.Tensor)]
 
 
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], reference: list[torch.Tensor],
             file: Path, opset: int | None, dynamic_batch: bool) -> str:
     """Try each exporter in order; return the name of the first that succeeds."""
-    names = {"input_names": _names("input", inputs), "output_names": _names("output", reference)}
+    input_names, output_names = _names("input", inputs), _names("output", reference)
+    named = zip(input_names + output_names, [*inputs, *reference])
+    dynamic_axes = {n: {0: "batch"} for n, t in named if t.dim() > 0} if dynamic_batch else None
     failures = []
     for name, dynamo in EXPORTERS.items():
-        batch = _batch_axes(dynamo, inputs, reference) if dynamic_batch else {}
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
+                for message in _QUIET:
+                    warnings.filterwarnings("ignore", message)
                 torch.onnx.export(model, inputs, file, dynamo=dynamo, verbose=False,
-                                  opset_version=opset, **names, **batch)
+                                  input_names=input_names, output_names=output_names,
+                                  dynamic_axes=dynamic_axes, opset_version=opset)
             return name
         except Exception as exc:  # noqa: BLE001 - every exporter failure is reported below
             failures.append(f"{name} exporter: {_describe(exc)}")
@@ -159,17 +175,6 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], reference: list[
 
 def _names(prefix: str, tensors: Sequence[torch.Tensor]) -> list[str]:
     return [f"{prefix}{i}" for i in range(len(tensors))]
-
-
-def _batch_axes(dynamo: bool, inputs: tuple[torch.Tensor, ...],
-                reference: list[torch.Tensor]) -> dict[str, object]:
-    """Dim 0 of every non-scalar input and output named "batch", in each exporter's own terms."""
-    if dynamo:
-        batch = torch.export.Dim("batch")
-        return {"dynamic_shapes": tuple({0: batch} if t.dim() > 0 else None for t in inputs)}
-    names = _names("input", inputs) + _names("output", reference)
-    tensors = [*inputs, *reference]
-    return {"dynamic_axes": {n: {0: "batch"} for n, t in zip(names, tensors) if t.dim() > 0}}
 
 
 def _describe(exc: BaseException) -> str:
@@ -210,7 +215,8 @@ def _session(file: Path) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(file, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind error types
-        raise ExportError(f"{file.name}: ONNX Runtime cannot load the file: {_describe(exc)}") from exc
+        message = f"{file.name}: ONNX Runtime cannot load the file: {_describe(exc)}"
+        raise ExportError(message) from exc
 
 
 def _run(session: ort.InferenceSession, file: Path, inputs: tuple[torch.Tensor, ...],
@@ -222,19 +228,22 @@ def _run(session: ort.InferenceSession, file: Path, inputs: tuple[torch.Tensor, 
         return session.run(None, feed)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind error types
         hint = "; export with a batch > 1 example or dynamic_batch=False" if where else ""
-        raise ExportError(f"{file.name}: ONNX Runtime failed{where}: {_describe(exc)}{hint}") from exc
+        message = f"{file.name}: ONNX Runtime failed{where}: {_describe(exc)}{hint}"
+        raise ExportError(message) from exc
 
 
 def _compare(got: list[np.ndarray], expected: list[torch.Tensor], atol: float, rtol: float,
              file: Path, where: str) -> tuple[float, float]:
-    """Max abs error and max rel error (max|a-b| / (max|b| + 1e-12)) over outputs; raise past tolerance."""
+    """Max abs and rel error (max|a-b| / (max|b| + 1e-12)) over outputs; raise past tolerance."""
     if len(got) != len(expected):
-        raise ParityError(f"{file.name}: ONNX Runtime gives {len(got)} outputs{where}, torch {len(expected)}")
+        raise ParityError(f"{file.name}: ONNX Runtime gives {len(got)} outputs{where}, "
+                          f"torch {len(expected)}")
     worst_abs = worst_rel = 0.0
     for i, (a, b) in enumerate(zip(got, expected)):
         a, b = np.asarray(a, dtype=np.float64), b.numpy().astype(np.float64)
         if a.shape != b.shape:
-            raise ParityError(f"{file.name}: output{i}{where} has shape {a.shape} in ONNX Runtime, {b.shape} in torch")
+            raise ParityError(f"{file.name}: output{i}{where} has shape {a.shape} in ONNX Runtime, "
+                              f"{b.shape} in torch")
         scale = float(np.abs(b).max(initial=0.0))
         err = float(np.abs(a - b).max(initial=0.0))
         rel = err / (scale + 1e-12)

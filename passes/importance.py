@@ -17,11 +17,17 @@ from .errors import InputError
 CRITERIA = ("l1", "l2", "random")
 
 
-def _slice_norms(t: torch.Tensor, dim: int, kind: str) -> np.ndarray:
-    x = t.detach().float().movedim(dim, 0).reshape(t.shape[dim], -1)
-    if kind == "l1":
-        return x.abs().sum(1).numpy()
-    return x.pow(2).sum(1).sqrt().numpy()
+def _slice_norms(t: torch.Tensor, dims: list[int], kind: str) -> list[np.ndarray]:
+    """Norm of every slice along each of `dims` (|w| or w**2 computed once per tensor)."""
+    with torch.no_grad():
+        x = t.detach().float()
+        x = x.abs() if kind == "l1" else x * x
+        out = []
+        for d in dims:
+            other = [k for k in range(x.dim()) if k != d]
+            s = x.sum(dim=other) if other else x
+            out.append((s if kind == "l1" else s.sqrt()).numpy())
+    return out
 
 
 def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray:
@@ -33,10 +39,10 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
         out[cg.units] = np.random.default_rng(seed).random(len(cg.units))
         return out
     for name, labs in cg.param_labels.items():
-        t = tensor_at(cg.gm, name)
-        for d, arr in enumerate(labs):
-            if arr.any():
-                np.add.at(out, cg.roots[arr], _slice_norms(t, d, criterion))
+        dims = [d for d, arr in enumerate(labs) if arr.any()]
+        if dims:
+            for d, norms in zip(dims, _slice_norms(tensor_at(cg.gm, name), dims, criterion)):
+                np.add.at(out, cg.roots[labs[d]], norms)
     return out
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch.fx as fx
 
-from .channels import ChannelGraph, describe_target
+from .channels import ChannelGraph, describe_target, iter_arrays
 from .errors import PlanError
 
 
@@ -80,6 +80,33 @@ def select(cg: ChannelGraph, score: np.ndarray, *, ratio: float, group_ratio: di
             t = t[: n - k]
         removed.append(np.array(t, dtype=np.int64))
     return np.concatenate(removed) if removed else np.zeros(0, np.int64)
+
+
+def keep_every_dim(cg: ChannelGraph, removed: np.ndarray, score: np.ndarray, max_ratio: float) -> np.ndarray:
+    """Give back the best removed units of any tensor dim that would keep fewer than
+    max(1, ceil(n * (1 - max_ratio))) of its n positions. Groups bound ratios per group, but
+    one group can span several dims (a chunk of a shuffled tensor); no dim may empty out."""
+    root_removed = np.zeros(cg.uf.size, dtype=bool)
+    root_removed[removed] = True
+    arrays = [a for v in cg.values.values() for a in iter_arrays(v, sizes=False)]
+    arrays += [a for labs in cg.param_labels.values() for a in labs]
+    for arr in arrays:
+        n = len(arr)
+        if n < 2:
+            continue
+        r = cg.roots[arr]
+        rm = root_removed[r]
+        need = max(1, math.ceil(n * (1 - max_ratio) - 1e-9))
+        missing = need - (n - int(rm.sum()))
+        if missing <= 0:
+            continue
+        units, per = np.unique(r[rm], return_counts=True)
+        for i in np.argsort(-score[units], kind="stable"):
+            root_removed[units[i]] = False
+            missing -= per[i]
+            if missing <= 0:
+                break
+    return removed[root_removed[removed]]
 
 
 def fingerprint(gm: fx.GraphModule) -> str:

@@ -19,13 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .channels import ChannelGraph, describe_target, map_meta
 from .errors import RewriteError
 from .plan import removed_mask
 from .rules import rule_for
-from .trace import eval_mode
+from .trace import propagate_shapes
 
 
 class RewriteCtx:
@@ -36,7 +35,6 @@ class RewriteCtx:
         self.gm = cg.gm
         self.removed = removed_mask(cg, removed_roots)
         self.modules = dict(self.gm.named_modules())
-        self.names = {id(t): n for n, t in list(self.gm.named_parameters()) + list(self.gm.named_buffers())}
 
     def keep(self, arr: np.ndarray) -> np.ndarray:
         return ~self.removed[arr]
@@ -52,9 +50,6 @@ class RewriteCtx:
 
     def module(self, node: fx.Node) -> torch.nn.Module:
         return self.modules[node.target]
-
-    def param_labels(self, t: torch.Tensor):
-        return self.cg.param_labels[self.names[id(t)]]
 
     def replace_module(self, target: str, new: torch.nn.Module) -> None:
         parent, _, leaf = target.rpartition(".")
@@ -102,7 +97,8 @@ def _get(root: torch.nn.Module, name: str) -> torch.Tensor:
     return obj
 
 
-def apply(cg: ChannelGraph, removed_roots: np.ndarray, *, also: list[torch.nn.Module] = ()) -> fx.GraphModule:
+def apply(cg: ChannelGraph, removed_roots: np.ndarray, *, also: list[torch.nn.Module] = ()) -> tuple[fx.GraphModule, int]:
+    """Rewrite `cg.gm` in place; returns it with its MACs on the example inputs."""
     rctx = RewriteCtx(cg, removed_roots)
     slice_tensors(cg, rctx.removed, [cg.gm, *also])
     for node in list(cg.gm.graph.nodes):
@@ -110,18 +106,17 @@ def apply(cg: ChannelGraph, removed_roots: np.ndarray, *, also: list[torch.nn.Mo
         if rule.rewrite is not None:
             rule.rewrite(rctx, node)
     cg.gm.recompile()
-    check_shapes(rctx, cg.traced.example_inputs)
-    return cg.gm
+    return cg.gm, check_shapes(rctx, cg.traced.example_inputs)
 
 
-def check_shapes(rctx: RewriteCtx, inputs: tuple) -> None:
+def check_shapes(rctx: RewriteCtx, inputs: tuple) -> int:
+    """Run the rewritten graph once; every node must have its promised shape. Returns MACs."""
     gm = rctx.gm
-    with eval_mode(gm), torch.no_grad():
-        try:
-            ShapeProp(gm).propagate(*inputs)
-        except Exception as e:
-            raise RewriteError(f"the rewritten model does not run: {type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    try:
+        macs = propagate_shapes(gm, inputs)
+    except Exception as e:
+        raise RewriteError(f"the rewritten model does not run: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
     for node in gm.graph.nodes:
         want = rctx.cg.values.get(node.name)
         meta = node.meta.get("tensor_meta")
@@ -129,6 +124,7 @@ def check_shapes(rctx: RewriteCtx, inputs: tuple) -> None:
         exp = _expected(rctx, want)
         if exp is not None and got is not None and not _same(exp, got):
             raise rctx.error(node, f"has shape {got} after the rewrite, the plan expects {exp}")
+    return macs
 
 
 def _expected(rctx: RewriteCtx, v: Any):

@@ -26,6 +26,7 @@ _SUPPORTED_DTYPES = (torch.float32,)
 class Traced:
     gm: fx.GraphModule
     example_inputs: tuple
+    macs: int = 0  # of the forward on example_inputs
 
 
 def as_inputs(example_inputs) -> tuple:
@@ -43,15 +44,21 @@ def check_model(model: torch.nn.Module) -> None:
     """Refuse what the analysis cannot handle soundly: non-float32 weights, NaN/Inf weights."""
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and t.dtype not in _SUPPORTED_DTYPES:
+    tensors = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if t.is_floating_point()]
+    for name, t in tensors:
+        if t.dtype not in _SUPPORTED_DTYPES:
             raise InputError(
                 f"parameter '{name}' has dtype {t.dtype}; passes works on float32 models: "
                 f"call model.float() first and convert the pruned model back afterwards")
-        if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
-            bad = (~torch.isfinite(t)).sum().item()
-            raise InputError(f"parameter '{name}' has {bad} NaN/Inf values; "
-                             f"importance and equivalence checks need finite weights")
+    with torch.no_grad():  # one sum per tensor (cheap); locate the culprit only if one is not finite
+        sums = torch.stack([t.sum() for _, t in tensors]) if tensors else torch.zeros(0)
+        for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
+            name, t = tensors[i]
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise InputError(f"parameter '{name}' has {bad} NaN/Inf values; "
+                                 f"importance and equivalence checks need finite weights")
 
 
 @contextlib.contextmanager
@@ -76,17 +83,29 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
     if n_placeholders != len(inputs):
         raise InputError(
             f"{type(model).__name__}.forward takes {n_placeholders} inputs, example_inputs has {len(inputs)}")
-    with eval_mode(gm), torch.no_grad():
-        try:
-            ShapeProp(gm).propagate(*inputs)
-        except Exception as e:
-            node = _failing_node(e)
-            shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in inputs)
-            raise InputError(
-                f"the model does not run on example inputs [{shapes}]"
-                + (f": node '{node}'" if node else "")
-                + f" raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    return Traced(gm, inputs)
+    try:
+        macs = propagate_shapes(gm, inputs)
+    except Exception as e:
+        node = _failing_node(e)
+        shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in inputs)
+        raise InputError(
+            f"the model does not run on example inputs [{shapes}]"
+            + (f": node '{node}'" if node else "")
+            + f" raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return Traced(gm, inputs, macs)
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> int:
+    """ShapeProp in eval mode on real tensors; returns the MACs of that forward.
+
+    Real tensors, not fake ones: measured here, FakeTensorMode's per-op overhead made shape
+    propagation 2-10x slower on CNNs (densenet201: 1.9 s fake vs 0.19 s real). MACs are
+    counted in the same pass (`passes.count`), so counting costs no extra forward."""
+    from .count import macs_counter, macs_of
+
+    with eval_mode(gm), torch.no_grad(), macs_counter() as fc:
+        ShapeProp(gm).propagate(*inputs)
+    return macs_of(fc)
 
 
 def _failing_node(e: Exception) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -43,6 +44,11 @@ class DiffersWhenExported(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + 0.5 if torch.onnx.is_in_onnx_export() else x
+
+
+class NestedOutputs(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return x * 2, {"sum": x.sum(dim=1), "max": x.amax(dim=1)}
 
 
 class Unsupported(nn.Module):
@@ -97,6 +103,16 @@ def test_mixed_training_flags_are_restored(tmp_path) -> None:
     assert (model.training, model.conv.training, model.bn.training) == (True, True, False)
 
 
+def test_nested_outputs_are_flattened_in_order(tmp_path) -> None:
+    x = torch.randn(3, 4)
+    result = export_onnx(NestedOutputs(), x, tmp_path / "m.onnx")
+    session = ort.InferenceSession(os.fspath(result), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["output0", "output1", "output2"]
+    got = session.run(None, {"input0": x.numpy()})
+    for a, b in zip(got, [x * 2, x.sum(dim=1), x.amax(dim=1)], strict=True):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-6)
+
+
 def test_static_batch_when_asked(tmp_path) -> None:
     result = export_onnx(_model("tiny"), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx",
                          dynamic_batch=False)
@@ -105,10 +121,10 @@ def test_static_batch_when_asked(tmp_path) -> None:
 
 
 def test_failed_export_raises_and_leaves_no_file(tmp_path) -> None:
-    path = tmp_path / "m.onnx"
+    model = RaisesWhileExporting().train()
     with pytest.raises(ExportError, match=r"RaisesWhileExporting.*boom during export.*hint"):
-        export_onnx(RaisesWhileExporting(), torch.randn(1, 3), path)
-    assert list(tmp_path.iterdir()) == []
+        export_onnx(model, torch.randn(1, 3), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == [] and model.training
 
 
 def test_exporter_crash_after_partial_write_leaves_nothing(tmp_path, monkeypatch) -> None:
@@ -116,11 +132,12 @@ def test_exporter_crash_after_partial_write_leaves_nothing(tmp_path, monkeypatch
 
     def half_written(model, args, f, *, dynamo, **kwargs):
         calls.append(dynamo)
-        open(f, "wb").write(b"\x08\x07 not a model")
+        Path(f).write_bytes(b"\x08\x07 not a model")
         raise RuntimeError(f"disk full ({'dynamo' if dynamo else 'torchscript'})")
 
     monkeypatch.setattr(torch.onnx, "export", half_written)
-    with pytest.raises(ExportError, match=r"torchscript exporter: RuntimeError: disk full.*dynamo exporter"):
+    expected = r"torchscript exporter: RuntimeError: disk full.*dynamo exporter"
+    with pytest.raises(ExportError, match=expected):
         export_onnx(_model("tiny"), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
     assert calls == [False, True]  # TorchScript first, dynamo as the fallback
     assert list(tmp_path.iterdir()) == []
@@ -180,7 +197,8 @@ def test_benchmark_two_models(tmp_path) -> None:
     report = benchmark([onnx_file, small], x, threads=1, warmup=1, runs=3)
 
     first, second = report.rows
-    assert (first.name, first.path, second.name, second.path) == ("wide", str(onnx_file), "Sequential", None)
+    assert (first.name, first.path) == ("wide", os.fspath(onnx_file))
+    assert (second.name, second.path) == ("Sequential", None)
     assert first.ratio_to_first == 1.0 and second.ratio_to_first > 0
     assert all(0 < r.p50_ms <= r.p90_ms for r in report.rows)
     assert first.params == 3 * 16 * 9 + 16 + 16 * 16 * 9 + 16 and first.macs is None
@@ -188,7 +206,8 @@ def test_benchmark_two_models(tmp_path) -> None:
     assert (report.machine.threads, report.machine.runs, report.machine.warmup) == (1, 3, 1)
     assert json.loads(json.dumps(report.to_dict()))["rows"][1]["macs"] == 16 * 16 * 8 * 3 * 9
     lines = report.to_markdown().splitlines()
-    assert len(lines) == 4 and lines[0].startswith("| model | p50 ms") and lines[2].startswith("| wide |")
+    assert len(lines) == 4 and lines[0].startswith("| model | p50 ms")
+    assert lines[2].startswith("| wide |") and lines[3].startswith("| Sequential |")
     table = report.rich_table()
     assert isinstance(table, Table) and table.row_count == 2
 

@@ -38,7 +38,7 @@ try:  # torchvision's fx-wrapped helpers (present when torchvision is)
     from torchvision.models import swin_transformer as _tv_swin
     _TORCHVISION = {
         _tv_stochastic_depth: E.UNARY,
-        _tv_swin._patch_merging_pad: S.KEEP_LAST,
+        _tv_swin._patch_merging_pad: S.TILE_LAST,
     }
 except ImportError:  # pragma: no cover - torchvision is a dependency
     _TORCHVISION = {}
@@ -104,7 +104,7 @@ METHODS: dict = {
     "view": S.RESHAPE, "reshape": S.RESHAPE, "flatten": S.RESHAPE, "unflatten": S.RESHAPE,
     "squeeze": S.RESHAPE, "unsqueeze": S.RESHAPE, "view_as": S.RESHAPE, "reshape_as": S.RESHAPE,
     "permute": S.PERMUTE, "transpose": S.TRANSPOSE, "swapaxes": S.TRANSPOSE, "swapdims": S.TRANSPOSE,
-    "expand": S.EXPAND, "expand_as": S.EXPAND,
+    "expand": S.EXPAND, "expand_as": S.EXPAND, "repeat": S.REPEAT,
     "split": S.SPLIT, "chunk": S.SPLIT, "unbind": S.UNBIND,
     "size": S.SIZE, "dim": non_tensor, "numel": S.NUMEL,
     "new_zeros": S.CREATE, "new_ones": S.CREATE, "new_empty": S.CREATE, "new_full": S.CREATE,

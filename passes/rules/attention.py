@@ -83,7 +83,7 @@ def _mha_rewrite(rctx, node):
     m = rctx.module(node)
     if isinstance(m, SlimMultiheadAttention):  # a module called twice is replaced once
         return
-    rows = rctx.param_labels(m.in_proj_weight)[0].reshape(3, m.num_heads, m.head_dim)
+    rows = rctx.cg.param_labels[f"{node.target}.in_proj_weight"][0].reshape(3, m.num_heads, m.head_dim)
     dqk, dv = rctx.count(rows[0, 0]), rctx.count(rows[2, 0])
     slim = SlimMultiheadAttention(m.in_proj_weight, m.in_proj_bias, m.out_proj, m.num_heads, dqk, dv,
                                   scale=1.0 / math.sqrt(m.head_dim), dropout=m.dropout,

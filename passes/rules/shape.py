@@ -96,6 +96,18 @@ def _expand_rewrite(rctx, node):
         node.args = (node.args[0], *_fix_sizes(sizes, new))
 
 
+def _repeat(ctx, node):
+    """x.repeat(*reps): dim k holds reps[k] copies of x's dim k (new leading dims: no channel)."""
+    x = _x(ctx, node)
+    reps = node.args[1:]
+    if len(reps) == 1 and isinstance(reps[0], (tuple, list)):
+        reps = reps[0]
+    if not all(isinstance(r, int) for r in reps):
+        return UNKNOWN.labels(ctx, node)
+    lead = len(reps) - len(x)
+    return tuple(L.zeros(r) for r in reps[:lead]) + tuple(np.tile(a, r) for a, r in zip(x, reps[lead:]))
+
+
 # -- cat, stack, split ------------------------------------------------------------------------
 def _cat(ctx, node):
     parts = [ctx.labels(t) for t in arg(node, 0, "tensors")]
@@ -305,10 +317,14 @@ def _keep(x, shape, n):
     return tuple(x[k] if k < n and len(x[k]) == s else L.zeros(s) for k, s in enumerate(shape))
 
 
-def _keep_last(ctx, node):
+def _tile_last(ctx, node):
+    """Other dims are new (pooled, padded); the last dim is k copies of the input channels
+    (torchvision's `_patch_merging_pad`: four strided spatial slices concatenated on channels)."""
     x = _x(ctx, node)
     shape = _out_shape(node)
-    return tuple(L.zeros(s) for s in shape[:-1]) + (x[-1],)
+    if shape[-1] % len(x[-1]):
+        return UNKNOWN.labels(ctx, node)
+    return tuple(L.zeros(s) for s in shape[:-1]) + (np.tile(x[-1], shape[-1] // len(x[-1])),)
 
 
 def _pad(ctx, node):
@@ -337,6 +353,7 @@ RESHAPE = Rule(_reshape, _reshape_rewrite, shape_args=True)
 PERMUTE = Rule(_permute)
 TRANSPOSE = Rule(_transpose)
 EXPAND = Rule(_expand, _expand_rewrite, shape_args=True)
+REPEAT = Rule(_repeat)
 CAT = Rule(_cat)
 STACK = Rule(_stack)
 SPLIT = Rule(_split, _split_rewrite, shape_args=True)
@@ -348,6 +365,6 @@ LEN = Rule(_len)
 GETATTR = Rule(_getattr)
 CREATE = Rule(_create, shape_args=True)
 KEEP_LEADING = Rule(_keep_leading, shape_args=True)
-KEEP_LAST = Rule(_keep_last)
+TILE_LAST = Rule(_tile_last)
 PAD = Rule(_pad)
 CHANNEL_SHUFFLE = Rule(_channel_shuffle)

@@ -1,0 +1,264 @@
+"""Core pass on hand-built structures: prune, verify, plans, options, counts, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import passes
+from passes import InputError, PlanError, TraceError
+
+from models import STRUCTURES, MnistNet, Norms, UnknownOp, cbr, image
+
+
+def _build(name, seed=0):
+    torch.manual_seed(seed)
+    factory, inputs = STRUCTURES[name]
+    return factory().eval(), inputs()
+
+
+def _outputs(model, x):
+    x = x if isinstance(x, tuple) else (x,)
+    with torch.no_grad():
+        return passes.verify.__globals__["flatten_outputs"](model(*x))
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURES))
+def test_structure_prunes_with_masked_equivalence(name):
+    model, x = _build(name)
+    before = [tuple(t.shape) for t in _outputs(model, x)]
+    r = passes.prune(model, x, ratio=0.5)
+    after = [tuple(t.shape) for t in _outputs(r.model, x)]
+    assert after == before
+    rep = r.report
+    assert rep.params_after < rep.params_before
+    assert rep.macs_after < rep.macs_before
+    assert rep.units_removed > 0
+    assert rep.verify.ok and rep.verify.exact, rep.verify.message
+    assert rep.verify.max_rel_error <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["concat", "shuffle", "hand_attention", "mha_seq_first", "convs"])
+def test_verify_detects_a_corrupted_model(name):
+    model, x = _build(name)
+    r = passes.prune(model, x, ratio=0.5)
+    layer = next(m for m in r.model.modules()
+                 if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and m.weight.shape[0] > 1)
+    with torch.no_grad():
+        layer.weight[[0, 1]] = layer.weight[[1, 0]]  # swap two kept channels
+    v = passes.verify(model, r, x)
+    assert not v.ok and v.max_rel_error > 1e-3
+
+
+def test_mnist_literal_view_is_rewritten():
+    torch.manual_seed(0)
+    model, x = MnistNet().eval(), torch.randn(2, 1, 28, 28)
+    r = passes.prune(model, x, ratio=0.5)
+    kept = r.model.conv2.out_channels
+    assert kept == 10  # int(20 * (1 - 0.5))
+    assert f"view(-1, {kept * 16})" in r.model.code
+    assert r.model.fc1.in_features == kept * 16
+    assert r.model(x).shape == (2, 10)
+
+
+def test_groupnorm_over_pruned_channels_is_reported_not_equivalent():
+    torch.manual_seed(0)
+    model, x = Norms().eval(), image()
+    r = passes.prune(model, x, ratio=0.5)
+    v = r.report.verify
+    assert v.ok and v.shapes_match and not v.exact
+    assert any("'gn'" in why for why in v.inexact)
+    assert r.model.gn.num_groups == 4 and r.model.gn.num_channels == r.model.c2.out_channels
+
+
+def test_unknown_op_pins_its_channels_and_says_so():
+    torch.manual_seed(0)
+    model, x = UnknownOp().eval(), image()
+    r = passes.prune(model, x, ratio=0.5)
+    assert r.model.get_submodule("a.0").out_channels == 16  # feeds cumsum: pinned
+    assert r.model.get_submodule("b.0").out_channels == 8  # free
+    reasons = [p.reason for p in r.report.pinned]
+    assert any("no rule" in why and "cumsum" in why for why in reasons)
+    assert r.report.verify.exact and r.report.verify.ok
+
+
+def test_depthwise_groups_follow_channels_and_grouped_keep_groups():
+    model, x = _build("grouped")
+    r = passes.prune(model, x, ratio=0.5)
+    dw, dwm, g = r.model.get_submodule("dw.0"), r.model.dwm, r.model.get_submodule("g.0")
+    assert dw.groups == dw.in_channels == dw.out_channels == r.model.get_submodule("stem.0").out_channels
+    assert dwm.groups == dwm.in_channels and dwm.out_channels == 2 * dwm.groups
+    assert g.groups == 4 and g.in_channels % 4 == 0 and g.out_channels % 4 == 0
+
+
+def test_attention_head_width_rewritten_in_graph():
+    model, x = _build("hand_attention")
+    r = passes.prune(model, x, ratio=0.5)
+    width = r.model.qkv.out_features // 3
+    assert width % 4 == 0 and width < 32
+    assert f"reshape(getitem, getitem_1, 3, 4, {width // 4})" in r.model.code
+
+
+def test_multihead_attention_replaced_with_consistent_module():
+    model, x = _build("mha_batch_first")
+    r = passes.prune(model, x, ratio=0.5)
+    attn = r.model.attn
+    assert isinstance(attn, passes.modules.SlimMultiheadAttention)
+    assert attn.num_heads == 4
+    rows = 2 * attn.num_heads * attn.qk_head_dim + attn.num_heads * attn.v_head_dim
+    assert attn.in_proj_weight.shape == (rows, r.model.embed.out_features)
+    assert attn.out_proj.in_features == attn.num_heads * attn.v_head_dim
+
+
+def test_caller_model_untouched_unless_inplace():
+    model, x = _build("residual")
+    model.train()
+    state = copy.deepcopy(model.state_dict())
+    flags = [m.training for m in model.modules()]
+    r = passes.prune(model, x, ratio=0.5)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert [m.training for m in model.modules()] == flags
+    assert r.model.get_submodule("stem.0").out_channels < model.stem[0].out_channels
+
+    r2 = passes.prune(model, x, ratio=0.5, inplace=True)
+    assert model.stem[0].weight.shape == r2.model.get_submodule("stem.0").weight.shape
+    assert model.stem[0].weight.shape[0] < state["stem.0.weight"].shape[0]
+
+
+def test_plan_roundtrip_and_reapply(tmp_path):
+    model, x = _build("loose_params")
+    r = passes.prune(model, x, ratio=0.5)
+    path = r.plan.save(tmp_path / "plan.json")
+    torch.manual_seed(1)
+    fresh = type(model)().eval()
+    again = passes.apply_plan(fresh, passes.Plan.load(path), x)
+    again.model.load_state_dict(r.model.state_dict())
+    torch.testing.assert_close(again.model(x), r.model(x))
+    assert again.plan.removed == r.plan.removed
+
+
+def test_plan_for_another_architecture_is_refused(tmp_path):
+    model, x = _build("residual")
+    plan = passes.prune(model, x, ratio=0.5).plan
+    other, _ = _build("shared")
+    with pytest.raises(PlanError, match="fingerprint"):
+        passes.apply_plan(other, plan, x)
+
+
+def test_plan_that_breaks_coupling_is_refused():
+    model, x = _build("residual")
+    plan = passes.prune(model, x, ratio=0.5).plan
+    name = next(k for k in plan.removed if k.endswith("a.1.weight"))  # a BN coupled to the residual
+    plan.removed[name][0] = plan.removed[name][0][:-1]
+    with pytest.raises(PlanError, match="coupled"):
+        passes.apply_plan(model, plan, x)
+
+
+def test_ignored_layers_ratios_round_to_and_max_ratio():
+    model, x = _build("residual")
+    r = passes.prune(model, x, ratio=0.5, ignored_layers=["a.0"])
+    assert r.model.get_submodule("a.0.0").out_channels == 32
+    r = passes.prune(model, x, ratio=0.5, ratios={model.b[0][0]: 0.25})
+    assert r.model.get_submodule("b.0.0").out_channels == 18  # int(24 * 0.75)
+    r = passes.prune(model, x, ratio=0.3, round_to=8)
+    assert all(c % 8 == 0 for c in (r.model.get_submodule("stem.0").out_channels, r.model.get_submodule("a.0.0").out_channels,
+                                    r.model.get_submodule("b.0.0").out_channels))
+    r = passes.prune(model, x, ratio=0.95, max_ratio=0.5)
+    assert r.model.get_submodule("a.0.0").out_channels == 16
+    r = passes.prune(model, x, ratio=0.99, max_ratio=0.999)
+    assert r.model.get_submodule("stem.0").out_channels >= 1
+
+
+def test_global_pruning_ranks_across_groups():
+    model, x = _build("residual")
+    with torch.no_grad():
+        model.get_submodule("a.0.0").weight.mul_(100.0)  # a's hidden channels matter far more than b's
+    r = passes.prune(model, x, ratio=0.5, global_pruning=True)
+    assert r.model.get_submodule("a.0.0").out_channels > r.model.get_submodule("b.0.0").out_channels
+    assert r.report.verify.ok
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "random"])
+def test_importance_criteria(criterion):
+    model, x = _build("residual")
+    a = passes.prune(model, x, importance=criterion, seed=3)
+    b = passes.prune(model, x, importance=criterion, seed=3)
+    assert a.plan.removed == b.plan.removed and a.report.verify.ok
+
+
+def test_l2_keeps_the_strong_channels():
+    model, x = _build("flatten_linear")
+    with torch.no_grad():
+        model.f[0].weight[:6] *= 50.0
+    r = passes.prune(model, x, ratio=0.5, importance="l2")
+    removed = r.plan.removed["f.0.weight"][0]
+    assert sorted(removed) == list(range(6, 12))
+
+
+def test_count_includes_functional_ops():
+    class Fn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 3, 3, 3))
+            self.m = nn.Parameter(torch.randn(64, 16))
+
+        def forward(self, x):
+            y = F.conv2d(x, self.w, padding=1)  # [1, 8, 8, 8]
+            y = F.interpolate(y, scale_factor=2, mode="bilinear")  # [1, 8, 16, 16]
+            z = y.flatten(2).transpose(1, 2)  # [1, 256, 8]
+            q = z.reshape(1, 4, 64, 8)
+            a = F.scaled_dot_product_attention(q, q, q)  # [1, 4, 64, 8]
+            return torch.matmul(a.reshape(1, 4, 512).reshape(1, 32, 64), self.m)
+
+    x = torch.randn(1, 3, 8, 8)
+    params, macs = passes.count(Fn(), x)
+    conv = 8 * 3 * 9 * 64
+    interp = 4 * 8 * 16 * 16
+    sdpa = 2 * (4 * 64 * 64 * 8)
+    mm = 32 * 64 * 16
+    assert params == 8 * 27 + 64 * 16
+    assert macs == conv + interp + sdpa + mm
+
+
+def test_trace_failure_names_the_line():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.c(x)
+            return x
+
+    with pytest.raises(TraceError, match=r"test_core\.py:\d+ `if x\.sum\(\) > 0:`"):
+        passes.prune(Branchy(), image())
+
+
+def test_analyze_exposes_units_groups_and_pins():
+    torch.manual_seed(0)
+    model, x = UnknownOp().eval(), image()
+    cg = passes.analyze(model, x)
+    assert len(cg.units) == 16 and len(cg.groups) == 1
+    assert cg.groups[0].producers[0].startswith("b.0.weight")
+    assert any("cumsum" in p.reason for p in cg.pinned())
+    assert "16 units in 1 groups" in cg.summary()
+
+
+def test_bad_arguments():
+    model, x = _build("residual")
+    for bad in (-0.1, 1.0, 1.5, float("nan"), "0.5"):
+        with pytest.raises(InputError, match="ratio"):
+            passes.prune(model, x, ratio=bad)
+    with pytest.raises(InputError, match="round_to"):
+        passes.prune(model, x, round_to=0)
+    with pytest.raises(InputError, match="'nope'"):
+        passes.prune(model, x, ignored_layers=["nope"])
+    with pytest.raises(InputError, match="importance"):
+        passes.prune(model, x, importance="taylorish")
+    with pytest.raises(InputError, match="example inputs"):
+        passes.prune(model, torch.randn(2, 5, 16, 16))
