@@ -75,7 +75,7 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Mo
         if new is old:
             continue
         if isinstance(old, torch.nn.Parameter):
-            new = torch.nn.Parameter(new.detach().clone(), requires_grad=old.requires_grad)
+            new = torch.nn.Parameter(new.detach(), requires_grad=old.requires_grad)  # index_select copied
         new_by_old[id(old)] = new
         sliced[name] = new
     for root in roots:

@@ -39,6 +39,7 @@ try:  # torchvision's fx-wrapped helpers (present when torchvision is)
     _TORCHVISION = {
         _tv_stochastic_depth: E.UNARY,
         _tv_swin._patch_merging_pad: S.TILE_LAST,
+        _tv_swin.shifted_window_attention: A.WINDOW_ATTENTION,
     }
 except ImportError:  # pragma: no cover - torchvision is a dependency
     _TORCHVISION = {}

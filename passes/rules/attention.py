@@ -10,6 +10,11 @@ output width (out_proj rows), position d of every q and k head (head-width pruni
 together), position d of every v head (with the matching out_proj columns). The rewrite swaps
 in `passes.modules.SlimMultiheadAttention`, whose widths can differ, with the original scale.
 Variants it does not model (separate kdim/vdim projections, bias_k/bias_v) are pinned.
+
+torchvision's Swin `shifted_window_attention(x, qkv_weight, proj_weight, ...)` gets the same
+head-width units; the model width it reads (qkv columns) and the width it writes (proj rows)
+are free. Its rewrite calls `passes.ops.window_attention`, which takes the pruned head widths
+and the original scale explicitly (the original derives both from the input width).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import math
 import numpy as np
 
 from ..modules import SlimMultiheadAttention
+from ..ops import window_attention
+from .layers import _tensor_of
 from .base import UNKNOWN, Rule, arg, set_arg
 from .elementwise import broadcast
 
@@ -43,11 +50,15 @@ def _sdpa_rewrite(rctx, node):
         set_arg(node, 7, "scale", 1.0 / math.sqrt(len(q[-1])))
 
 
-def _mha_parts(ctx, m):
-    w = ctx.param(m, "in_proj_weight")
-    h = m.num_heads
-    rows = w[0].reshape(3, h, m.head_dim)
-    return w, rows
+def _couple_heads(ctx, rows, out_cols):
+    """rows: q/k/v projection rows as [3, heads, head_dim] atoms. Position d of every q and k
+    head is one unit (they are contracted together), position d of every v head another, and
+    the output projection's columns follow v."""
+    for h in range(rows.shape[1]):
+        ctx.unify(rows[0, 0].copy(), rows[0, h].copy())
+        ctx.unify(rows[0, h].copy(), rows[1, h].copy())
+        ctx.unify(rows[2, 0].copy(), rows[2, h].copy())
+    ctx.unify(out_cols, rows[2].reshape(-1).copy())
 
 
 def _mha(ctx, node):
@@ -55,18 +66,15 @@ def _mha(ctx, node):
     if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
         return UNKNOWN.labels(ctx, node)
     q, k, v = (ctx.labels(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
-    w, rows = _mha_parts(ctx, m)
+    w = ctx.param(m, "in_proj_weight")
+    rows = w[0].reshape(3, m.num_heads, m.head_dim)
     b = ctx.param(m, "in_proj_bias")
     wo = ctx.tensor_labels(m.out_proj.weight)
     bo = None if m.out_proj.bias is None else ctx.tensor_labels(m.out_proj.bias)
     reason = ctx.why("attention input meets a non-channel dim")
     for x in (q, k, v):
         ctx.unify(x[-1], w[1], reason)
-    for h in range(m.num_heads):
-        ctx.unify(rows[0, 0].copy(), rows[0, h].copy())
-        ctx.unify(rows[0, h].copy(), rows[1, h].copy())
-        ctx.unify(rows[2, 0].copy(), rows[2, h].copy())
-    ctx.unify(wo[1], rows[2].reshape(-1).copy())
+    _couple_heads(ctx, rows, wo[1])
     if b is not None:
         ctx.unify(b[0], w[0])
     if bo is not None:
@@ -92,5 +100,41 @@ def _mha_rewrite(rctx, node):
     rctx.replace_module(node.target, slim)
 
 
+_WINDOW_ARGS = dict(x=(0, "input"), w=(1, "qkv_weight"), p=(2, "proj_weight"), bias=(3, "relative_position_bias"),
+                    heads=(5, "num_heads"), qb=(9, "qkv_bias"), pb=(10, "proj_bias"), ls=(11, "logit_scale"))
+
+
+def _window(ctx, node):
+    """torchvision's shifted_window_attention(x [B,H,W,C], qkv_weight, proj_weight, ...)."""
+    a = {k: arg(node, i, n) for k, (i, n) in _WINDOW_ARGS.items()}
+    x, w, p = ctx.labels(a["x"]), ctx.labels(a["w"]), ctx.labels(a["p"])
+    heads = a["heads"]
+    if not isinstance(heads, int) or len(w[0]) != 3 * len(x[-1]) or len(x[-1]) % heads:
+        return UNKNOWN.labels(ctx, node)
+    ctx.unify(x[-1], w[1], ctx.why("attention input meets a non-channel dim"))
+    rows = w[0].reshape(3, heads, len(x[-1]) // heads)
+    _couple_heads(ctx, rows, p[1])
+    for bias, weight in (("qb", w), ("pb", p)):
+        if ctx.labels(a[bias]) is not None:
+            ctx.unify(ctx.labels(a[bias])[0], weight[0])
+    for name in ("bias", "ls"):  # per-head tensors: heads are not pruned
+        ctx.pin_value(ctx.labels(a[name]), ctx.why("per-head attention tensor"))
+    ctx.mark_passive(None, _tensor_of(ctx, a["w"]), 1)
+    ctx.mark_passive(None, _tensor_of(ctx, a["p"]), 1)
+    shape = tuple(node.meta["tensor_meta"].shape)
+    return tuple(np.zeros(s, dtype=np.int64) for s in shape[:-1]) + (p[0],)
+
+
+def _window_rewrite(rctx, node):
+    x = rctx.labels_of(arg(node, 0, "input"))
+    heads = arg(node, 5, "num_heads")
+    d = len(x[-1]) // heads
+    rows = rctx.labels_of(arg(node, 1, "qkv_weight"))[0].reshape(3, heads, d)
+    node.target = window_attention
+    node.kwargs = {**node.kwargs, "qk_head_dim": rctx.count(rows[0, 0]),
+                   "v_head_dim": rctx.count(rows[2, 0]), "scale": d ** -0.5}
+
+
 SDPA = Rule(_sdpa, _sdpa_rewrite)
+WINDOW_ATTENTION = Rule(_window, _window_rewrite)
 MHA = Rule(_mha, _mha_rewrite)

@@ -41,23 +41,47 @@ def _reshape_rewrite(rctx, node):
             m.unflattened_size = tuple(rctx.new_shape(node)[dim:dim + len(m.unflattened_size)])
         return
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    new = rctx.new_shape(node)
     if name in ("view", "reshape"):
-        sizes = node.args[1:] if node.op == "call_method" else node.args[1:]
-        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-            node.args = (node.args[0], type(sizes[0])(_fix_sizes(sizes[0], new)))
-        elif sizes:
-            node.args = (node.args[0], *_fix_sizes(sizes, new))
-        elif "shape" in node.kwargs:
-            node.kwargs = {**node.kwargs, "shape": tuple(_fix_sizes(node.kwargs["shape"], new))}
+        _rewrite_size_args(rctx, node)
     elif name == "unflatten":
+        new, labelled = rctx.new_shape(node), _labelled(rctx, node)
         dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
         dim = dim % len(new)
-        set_arg(node, 2, "sizes", tuple(_fix_sizes(sizes, new[dim:dim + len(sizes)])))
+        k = slice(dim, dim + len(sizes))
+        set_arg(node, 2, "sizes", tuple(_fix_sizes(sizes, new[k], labelled[k])))
 
 
-def _fix_sizes(sizes, new):
-    return [n if isinstance(s, int) and s != -1 else s for s, n in zip(sizes, new)]
+def _labelled(rctx, node):
+    return [a.any() for a in rctx.labels_of(node)]
+
+
+def _fix_sizes(sizes, new, labelled):
+    """Literal sizes become the pruned sizes; so does a computed size on a channel dim (it may
+    come from another tensor, e.g. `out.reshape(B, N, x.shape[-1])`: the plan decides it)."""
+    out = []
+    for s, n, lab in zip(sizes, new, labelled):
+        if isinstance(s, int) and s != -1:
+            out.append(n)
+        elif isinstance(s, fx.Node) and lab:
+            out.append(n)
+        else:
+            out.append(s)
+    return out
+
+
+def _rewrite_size_args(rctx, node):
+    """Sizes passed as varargs (`x.view(a, b)`), as one sequence (`x.view((a, b))`,
+    `torch.reshape(x, shape)`), or as keyword `shape`/`size`."""
+    new, labelled = rctx.new_shape(node), _labelled(rctx, node)
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        node.args = (node.args[0], type(sizes[0])(_fix_sizes(sizes[0], new, labelled)))
+    elif sizes:
+        node.args = (node.args[0], *_fix_sizes(sizes, new, labelled))
+    else:
+        for key in ("shape", "size"):
+            if key in node.kwargs:
+                node.kwargs = {**node.kwargs, key: tuple(_fix_sizes(node.kwargs[key], new, labelled))}
 
 
 def _permute(ctx, node):
@@ -86,14 +110,8 @@ def _expand(ctx, node):
 
 
 def _expand_rewrite(rctx, node):
-    if node.target != "expand":
-        return
-    sizes = node.args[1:]
-    new = rctx.new_shape(node)
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        node.args = (node.args[0], type(sizes[0])(_fix_sizes(sizes[0], new)))
-    else:
-        node.args = (node.args[0], *_fix_sizes(sizes, new))
+    if node.target == "expand":
+        _rewrite_size_args(rctx, node)
 
 
 def _repeat(ctx, node):

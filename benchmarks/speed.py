@@ -1,0 +1,124 @@
+"""Analysis + rewrite time: passes vs Torch-Pruning, same models, same settings, one process.
+
+Both tools prune a fresh copy of the model in place (the copy is made outside the timer) at
+ratio 0.5, local L2 ranking, with the final classifier ignored; runs are interleaved
+(passes, TP, passes, TP, ...) and the median is reported with the ratio TP / passes.
+
+passes: `prune(..., verify=False, inplace=True)` = trace + shapes + MACs, channel analysis,
+importance, plan, rewrite + shape check of every node, report (params/MACs before and after).
+Also shown: `analyze` alone (trace + shapes + channel analysis).
+Torch-Pruning: `MagnitudePruner(...)` (dependency graph) + `step()` (importance + pruning).
+
+    python benchmarks/speed.py [--models resnet50 densenet201 vit_b_16] [--repeats 5] [--size 224]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+
+import passes
+from passes.channels import analyze_graph
+from passes.trace import trace
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def classifier(model):
+    for attr in ("fc", "classifier", "heads"):
+        m = getattr(model, attr, None)
+        if m is not None:
+            return m[-1] if isinstance(m, torch.nn.Sequential) else m
+    raise ValueError("no classifier found")
+
+
+def time_tp(model, x):
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)
+    t = time.perf_counter()
+    pruner = tp.pruner.MagnitudePruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                       pruning_ratio=0.5, global_pruning=False, ignored_layers=[classifier(m)])
+    built = time.perf_counter() - t
+    pruner.step()
+    return time.perf_counter() - t, built
+
+
+def time_passes(model, x):
+    m = copy.deepcopy(model)
+    t = time.perf_counter()
+    passes.prune(m, x, ratio=0.5, importance="l2", verify=False, inplace=True, ignored_layers=[classifier(m)])
+    total = time.perf_counter() - t
+    t = time.perf_counter()
+    analyze_graph(trace(m, x))
+    return total, time.perf_counter() - t
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["resnet50", "densenet201", "vit_b_16"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--size", type=int, default=224)
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    rows = []
+    for name in args.models:
+        model = torchvision.models.get_model(name, weights=None).eval()
+        x = torch.randn(1, 3, args.size, args.size)
+        time_passes(model, x), time_tp(model, x)  # warm-up both (imports, allocator)
+        p_tot, p_an, t_tot, t_build = [], [], [], []
+        for _ in range(args.repeats):
+            a, b = time_passes(model, x)
+            p_tot.append(a), p_an.append(b)
+            a, b = time_tp(model, x)
+            t_tot.append(a), t_build.append(b)
+        row = dict(model=name, passes_prune_s=statistics.median(p_tot), passes_analyze_s=statistics.median(p_an),
+                   tp_total_s=statistics.median(t_tot), tp_graph_s=statistics.median(t_build))
+        row["speedup"] = row["tp_total_s"] / row["passes_prune_s"]
+        rows.append(row)
+        print(f"{name}: passes {row['passes_prune_s']:.3f}s (analyze {row['passes_analyze_s']:.3f}s) | "
+              f"Torch-Pruning {row['tp_total_s']:.3f}s (graph {row['tp_graph_s']:.3f}s) | "
+              f"TP/passes {row['speedup']:.2f}x", flush=True)
+    import torch_pruning as tp
+    machine = dict(cpu=cpu_model(), cores=torch.get_num_threads(), python=platform.python_version(),
+                   torch=torch.__version__, torchvision=torchvision.__version__, torch_pruning=tp.__version__)
+    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "speed.json").write_text(json.dumps(dict(command=command, machine=machine, size=args.size,
+                                                        repeats=args.repeats, rows=rows), indent=1))
+    lines = [f"# Analysis + rewrite time: passes vs Torch-Pruning", "",
+             f"Command: `{command}`  ", f"Machine: {machine}  ",
+             f"Input 1x3x{args.size}x{args.size}, ratio 0.5, local L2, classifier ignored, median of {args.repeats} "
+             "interleaved runs, both in place on a fresh copy.", "",
+             "| model | passes prune (s) | passes analyze (s) | Torch-Pruning graph+step (s) | TP graph (s) | TP / passes |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['passes_prune_s']:.3f} | {r['passes_analyze_s']:.3f} | {r['tp_total_s']:.3f} "
+                     f"| {r['tp_graph_s']:.3f} | {r['speedup']:.2f}x |")
+    (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

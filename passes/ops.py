@@ -1,0 +1,80 @@
+"""Functions the rewrite puts in place of fx-wrapped functions whose signature ties widths together.
+
+`window_attention` replaces torchvision's `shifted_window_attention` (Swin v1 and v2). The
+original derives the q/k/v head width, the output width and the softmax scale from the input's
+channel count C, so none of them can shrink on their own. This version reads every width from
+the weights it is given and takes the q/k head width, v head width and scale explicitly; with
+the original values it computes the same function. It is fx-wrapped (one opaque node when a
+pruned model is traced again) and exports to ONNX through the ordinary ops it is made of.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+
+def _window_mask(pad_h: int, pad_w: int, window: list, shift: list, device) -> torch.Tensor:
+    """Attention mask for shifted windows: -100 between tokens from different regions."""
+    region = torch.zeros(pad_h, pad_w, device=device)
+    count = 0
+    for h0, h1 in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
+        for w0, w1 in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
+            region[h0:h1, w0:w1] = count
+            count += 1
+    region = region.view(pad_h // window[0], window[0], pad_w // window[1], window[1])
+    region = region.permute(0, 2, 1, 3).reshape(-1, window[0] * window[1])
+    diff = region.unsqueeze(1) - region.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+def window_attention(x: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor,
+                     relative_position_bias: torch.Tensor, window_size: list, num_heads: int,
+                     shift_size: list, attention_dropout: float = 0.0, dropout: float = 0.0,
+                     qkv_bias=None, proj_bias=None, logit_scale=None, training: bool = True, *,
+                     qk_head_dim: int, v_head_dim: int, scale: float) -> torch.Tensor:
+    """(Shifted) window multi-head self-attention over x [B, H, W, C_in] -> [B, H, W, C_out]."""
+    b, h, w, _ = x.shape
+    pad_r = (window_size[1] - w % window_size[1]) % window_size[1]
+    pad_b = (window_size[0] - h % window_size[0]) % window_size[0]
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    _, ph, pw, c_in = x.shape
+    shift = [0 if window_size[0] >= ph else shift_size[0], 0 if window_size[1] >= pw else shift_size[1]]
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    nh, nw = ph // window_size[0], pw // window_size[1]
+    tokens = window_size[0] * window_size[1]
+    x = x.view(b, nh, window_size[0], nw, window_size[1], c_in).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b * nh * nw, tokens, c_in)
+
+    qk, vw = num_heads * qk_head_dim, num_heads * v_head_dim
+    if logit_scale is not None and qkv_bias is not None:  # Swin v2: no key bias
+        qkv_bias = torch.cat([qkv_bias[:qk], torch.zeros_like(qkv_bias[qk:2 * qk]), qkv_bias[2 * qk:]])
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    q, k, v = qkv.split([qk, qk, vw], dim=-1)
+    q = q.reshape(x.size(0), tokens, num_heads, qk_head_dim).transpose(1, 2)
+    k = k.reshape(x.size(0), tokens, num_heads, qk_head_dim).transpose(1, 2)
+    v = v.reshape(x.size(0), tokens, num_heads, v_head_dim).transpose(1, 2)
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=4.605170185988092).exp()  # log(100)
+    else:
+        attn = (q * scale).matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+    if sum(shift) > 0:
+        mask = _window_mask(ph, pw, window_size, shift, x.device)
+        attn = attn.view(-1, nh * nw, num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, tokens, tokens)
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), tokens, vw)
+    x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
+    c_out = x.shape[-1]
+    x = x.view(b, nh, nw, window_size[0], window_size[1], c_out).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, ph, pw, c_out)
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return x[:, :h, :w, :].contiguous()
+
+
+torch.fx.wrap("window_attention")
