@@ -99,6 +99,8 @@ class Ctx:
             return self.values.get(arg.name)
         if isinstance(arg, (list, tuple)):
             return type(arg)(self.labels(a) for a in arg)
+        if isinstance(arg, dict):
+            return {k: self.labels(v) for k, v in arg.items()}
         return None
 
     def tensor_labels(self, t: torch.Tensor, name: str | None = None) -> L.Labels:

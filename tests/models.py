@@ -319,6 +319,20 @@ class UnknownOp(nn.Module):
         return self.out(self.b(x))
 
 
+class DictOut(nn.Module):
+    """Outputs in a dict (as torchvision's segmentation models return them): never pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = cbr(3, 16)
+        self.head = nn.Conv2d(16, 6, 1)
+        self.aux = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.body(x)
+        return {"out": F.interpolate(self.head(y), scale_factor=2.0, mode="bilinear"), "aux": self.aux(y)}
+
+
 def image(c=3, s=16, b=2):
     return torch.randn(b, c, s, s)
 
@@ -342,4 +356,5 @@ STRUCTURES = {
     "mha_seq_first": (lambda: MHA(batch_first=False), lambda: torch.randn(2, 10, 6)),
     "convs": (Convs, lambda: (torch.randn(2, 4, 20), torch.randn(2, 2, 6, 8, 8))),
     "embedding": (Embed, lambda: torch.randint(0, 50, (2, 7))),
+    "dict_outputs": (DictOut, image),
 }
