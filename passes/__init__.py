@@ -7,15 +7,18 @@
 """
 
 from .api import LayerWidth, PruneResult, Report, analyze, apply_plan, prune
+from .bench import BenchReport, benchmark
 from .channels import ChannelGraph
 from .count import count
 from .errors import (AnalysisError, ExportError, InputError, ParityError, PassesError, PlanError,
                      RewriteError, TraceError, VerificationError)
+from .export import ExportResult, export_onnx
 from .plan import Plan
 from .verify import VerifyReport, verify
 
 __all__ = [
-    "prune", "analyze", "apply_plan", "verify", "count", "Plan", "PruneResult", "Report", "LayerWidth",
-    "ChannelGraph", "VerifyReport", "PassesError", "InputError", "TraceError", "AnalysisError",
-    "RewriteError", "PlanError", "VerificationError", "ExportError", "ParityError",
+    "prune", "analyze", "apply_plan", "verify", "count", "export_onnx", "benchmark", "Plan",
+    "PruneResult", "Report", "LayerWidth", "ChannelGraph", "VerifyReport", "ExportResult", "BenchReport",
+    "PassesError", "InputError", "TraceError", "AnalysisError", "RewriteError", "PlanError",
+    "VerificationError", "ExportError", "ParityError",
 ]

@@ -296,10 +296,11 @@ def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
         pinned[r] = True
     pinned[0] = True
     cg.pinned_roots = np.flatnonzero(pinned & (roots == np.arange(uf.size)))
-    in_act = np.zeros(uf.size, dtype=bool)
-    for v in ctx.values.values():
-        for arr in iter_arrays(v, sizes=False):
-            in_act[roots[arr]] = True
+    in_act = np.zeros(uf.size, dtype=bool)  # classes seen in an activation (not a get_attr read)
+    for node in traced.gm.graph.nodes:
+        if node.op != "get_attr":
+            for arr in iter_arrays(ctx.values.get(node.name), sizes=False):
+                in_act[roots[arr]] = True
     # producer dims: every labelled parameter dim that no rule declared passive
     parent = {}  # union of units sharing a producer dim -> group
 

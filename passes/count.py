@@ -1,10 +1,13 @@
 """Parameter and MAC counts.
 
-MACs come from `torch.utils.flop_counter.FlopCounterMode` over one forward pass (FLOPs / 2),\nrun on fake tensors so that nothing is computed:
-it counts at the ATen level, so functional ops (F.conv*, matmul, bmm, einsum, linear,
+MACs come from `torch.utils.flop_counter.FlopCounterMode` over one forward pass (FLOPs / 2) on
+the example inputs (real tensors, see passes/trace.py); it counts at the ATen level, so functional ops (F.conv*, matmul, bmm, einsum, linear,
 scaled_dot_product_attention) count the same as modules. Interpolation, which it does not
 count, is added here: each output element costs one MAC per source tap (2**d for d-linear,
-16 for bicubic, 0 for nearest).
+16 for bicubic, 0 for nearest). So is the CPU kernel of scaled_dot_product_attention
+(`_scaled_dot_product_flash_attention_for_cpu`), which FlopCounterMode (torch 2.14) counts as
+zero: without it, nn.MultiheadAttention's QK^T and AV matmuls were missing from the original's
+count but present in the pruned SlimMultiheadAttention's, understating the MAC reduction.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import contextlib
 import math
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .trace import as_inputs, eval_mode
 
@@ -26,9 +29,14 @@ def _interp(taps: int):
     return flops
 
 
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)  # tensors arrive as shapes
+
+
 _CUSTOM = {  # keyed by overload packet, as FlopCounterMode looks them up
     aten.upsample_bilinear2d: _interp(4), aten.upsample_linear1d: _interp(2),
     aten.upsample_trilinear3d: _interp(8), aten.upsample_bicubic2d: _interp(16),
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
 }
 
 

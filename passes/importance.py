@@ -39,9 +39,10 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
         out[cg.units] = np.random.default_rng(seed).random(len(cg.units))
         return out
     for name, labs in cg.param_labels.items():
+        t = tensor_at(cg.gm, name)
         dims = [d for d, arr in enumerate(labs) if arr.any()]
-        if dims:
-            for d, norms in zip(dims, _slice_norms(tensor_at(cg.gm, name), dims, criterion)):
+        if dims and t.is_floating_point():  # index buffers carry no importance
+            for d, norms in zip(dims, _slice_norms(t, dims, criterion)):
                 np.add.at(out, cg.roots[labs[d]], norms)
     return out
 

@@ -104,8 +104,33 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> int:
     from .count import macs_counter, macs_of
 
     with eval_mode(gm), torch.no_grad(), macs_counter() as fc:
-        ShapeProp(gm).propagate(*inputs)
+        _ShapeProp(gm).propagate(*inputs)
     return macs_of(fc)
+
+
+class FreshArgs:
+    """Interpreter mixin. fx hands nodes immutable lists; the generated code builds fresh ones,
+    and some functions mutate their list arguments (torchvision's video Swin): so do we."""
+
+    def fetch_args_kwargs_from_env(self, n):
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _thaw(args), _thaw(kwargs)
+
+
+class _ShapeProp(FreshArgs, ShapeProp):
+    pass
+
+
+def _thaw(v):
+    if isinstance(v, (list, tuple)) and type(v).__name__ in ("immutable_list", "immutable_dict"):
+        return [_thaw(x) for x in v]
+    if isinstance(v, tuple) and not hasattr(v, "_fields"):
+        return tuple(_thaw(x) for x in v)
+    if isinstance(v, list):
+        return [_thaw(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _thaw(x) for k, x in v.items()}
+    return v
 
 
 def _failing_node(e: Exception) -> str | None:

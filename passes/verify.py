@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .errors import VerificationError
 from .plan import removed_mask
-from .trace import as_inputs, eval_mode
+from .trace import FreshArgs, as_inputs, eval_mode
 
 
 @dataclass
@@ -72,7 +72,7 @@ def _get(root, name):
     return obj
 
 
-class _KeptOnly(fx.Interpreter):
+class _KeptOnly(FreshArgs, fx.Interpreter):
     """Runs the masked original; reductions over channel dims see only kept positions."""
 
     def __init__(self, gm, masks):
