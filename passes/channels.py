@@ -134,6 +134,14 @@ class Ctx:
         return map_meta(node.meta.get("tensor_meta"), lambda m: L.unlabeled(m.shape))
 
 
+def attr_at(root: Any, dotted: str) -> Any:
+    """`root.a.b.c` for the dotted path "a.b.c" (parameters, buffers, graph constants)."""
+    obj = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def iter_arrays(value: Any, sizes: bool = True):
     """Every atom array inside a value (tensor labels, tuples of them, SizeVals if `sizes`)."""
     if isinstance(value, np.ndarray):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .channels import ChannelGraph
+from .channels import ChannelGraph, attr_at
 from .errors import InputError
 
 CRITERIA = ("l1", "l2", "random")
@@ -39,16 +39,9 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
         out[cg.units] = np.random.default_rng(seed).random(len(cg.units))
         return out
     for name, labs in cg.param_labels.items():
-        t = tensor_at(cg.gm, name)
+        t = attr_at(cg.gm, name)
         dims = [d for d, arr in enumerate(labs) if arr.any()]
         if dims and t.is_floating_point():  # index buffers carry no importance
             for d, norms in zip(dims, _slice_norms(t, dims, criterion)):
                 np.add.at(out, cg.roots[labs[d]], norms)
     return out
-
-
-def tensor_at(root: torch.nn.Module, name: str) -> torch.Tensor:
-    obj = root
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .channels import ChannelGraph, describe_target, map_meta
+from .channels import ChannelGraph, attr_at, describe_target, map_meta
 from .errors import RewriteError
 from .plan import removed_mask
 from .rules import rule_for
@@ -66,7 +66,7 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Mo
     sliced: dict[str, torch.Tensor] = {}
     gm = cg.gm
     for name, labs in cg.param_labels.items():
-        old = _get(gm, name)
+        old = attr_at(gm, name)
         new = old
         for d, arr in enumerate(labs):
             rm = removed[arr]
@@ -88,13 +88,6 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Mo
                 if isinstance(v, torch.Tensor) and id(v) in new_by_old:
                     setattr(mod, k, new_by_old[id(v)])
     return sliced
-
-
-def _get(root: torch.nn.Module, name: str) -> torch.Tensor:
-    obj = root
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def apply(cg: ChannelGraph, removed_roots: np.ndarray, *, also: list[torch.nn.Module] = ()) -> tuple[fx.GraphModule, int]:

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .channels import attr_at
 from .errors import VerificationError
 from .plan import removed_mask
 from .trace import FreshArgs, as_inputs, eval_mode
@@ -59,17 +60,10 @@ def masked_copy(original: torch.nn.Module, plan) -> fx.GraphModule:
     gm = fx.symbolic_trace(copy.deepcopy(original))
     with torch.no_grad():
         for name, dims in plan.removed.items():
-            t = _get(gm, name)
+            t = attr_at(gm, name)
             for d, idx in dims.items():
                 t.index_fill_(int(d), torch.tensor(idx, dtype=torch.long), 0.0)
     return gm
-
-
-def _get(root, name):
-    obj = root
-    for p in name.split("."):
-        obj = getattr(obj, p)
-    return obj
 
 
 class _KeptOnly(FreshArgs, fx.Interpreter):

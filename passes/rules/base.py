@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from ..channels import Ctx, describe_target, iter_arrays
+from ..channels import Ctx, attr_at, describe_target, iter_arrays
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,7 @@ def _output(ctx: Ctx, node: fx.Node):
 
 
 def _get_attr(ctx: Ctx, node: fx.Node):
-    obj = ctx.gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
+    obj = attr_at(ctx.gm, node.target)
     if isinstance(obj, torch.Tensor):
         return ctx.tensor_labels(obj, node.target)
     return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import labels as L
+from ..channels import attr_at
 from .base import UNKNOWN, Rule, arg, set_arg
 
 
@@ -124,10 +125,7 @@ def _tensor_of(ctx, n):
     """The parameter a get_attr node reads (None for anything else)."""
     if n is None or getattr(n, "op", None) != "get_attr":
         return None
-    obj = ctx.gm
-    for part in n.target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return attr_at(ctx.gm, n.target)
 
 
 def _embedding(ctx, node):
