@@ -13,7 +13,7 @@ from . import importance as imp
 from . import rewrite
 from .channels import ChannelGraph, analyze_graph
 from .count import count_params
-from .errors import InputError, VerificationError
+from .errors import InputError, PlanError, VerificationError
 from .plan import Plan, keep_every_dim, select
 from .trace import as_inputs, check_model, trace
 from .verify import VerifyReport, verify as _verify
@@ -83,6 +83,8 @@ def _check_args(ratio, round_to, max_ratio, ratios):
 def _module_names(model: torch.nn.Module, items, what: str) -> list[str]:
     by_id = {id(m): n for n, m in model.named_modules()}
     names = set(by_id.values())
+    if isinstance(items, (str, torch.nn.Module)):
+        items = [items]
     out = []
     for it in items:
         if isinstance(it, str):
@@ -155,6 +157,9 @@ def prune(model: torch.nn.Module, example_inputs, *, ratio: float = 0.5, importa
 def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs, *, verify: bool = True,
                inplace: bool = False, atol: float = 1e-5, rtol: float = 1e-4) -> PruneResult:
     """Re-apply a saved plan to a fresh instance of the same architecture."""
+    if not isinstance(plan, Plan):
+        raise PlanError(f"apply_plan needs a passes.Plan, got {type(plan).__name__}: "
+                        f"load a saved one with passes.Plan.load(path)")
     check_model(model)
     inputs = as_inputs(example_inputs)
     reference = copy.deepcopy(model) if (inplace and verify) else model
@@ -163,11 +168,22 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs, *, verify: bo
     return _finish(reference, cg, removed, plan, inputs, model if inplace else None, verify, atol, rtol)
 
 
+def _become(caller: torch.nn.Module, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """inplace=True: the caller's object turns into the pruned GraphModule (same modules and
+    tensors), so it keeps working; its Python forward could not follow the rewritten graph."""
+    caller.__dict__.clear()
+    caller.__dict__.update(gm.__dict__)
+    caller.__class__ = type(gm)
+    return caller
+
+
 def _finish(reference, cg, removed, plan, inputs, caller_model, verify, atol, rtol) -> PruneResult:
     """Rewrite, count, verify. `caller_model` is set when in place: its tensors are sliced too."""
     params0, macs0 = count_params(cg.gm), cg.traced.macs
     widths0 = _widths(cg.gm)
     new, macs1 = rewrite.apply(cg, removed, also=[caller_model] if caller_model is not None else [])
+    if caller_model is not None:
+        new = _become(caller_model, new)
     params1 = count_params(new)
     widths1 = _widths(new)
     layers = [LayerWidth(n, k, s, widths1.get(n, (k, s))[1]) for n, (k, s) in widths0.items()]

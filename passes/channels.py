@@ -65,6 +65,8 @@ class Ctx:
         self.reductions: list[Reduction] = []
         self.param_labels: dict[str, L.Labels] = {}
         self.passive: set[tuple[str, int]] = set()
+        self.active: list[np.ndarray] = []  # atoms an opaque op computes with (no traced activation)
+        self.producers: list[tuple[str, np.ndarray]] = []  # producer slices declared by rules
         self.modules = dict(self.gm.named_modules())
         self.tensor_names: dict[int, str] = {}
         for name, t in list(self.gm.named_parameters()) + list(self.gm.named_buffers()):
@@ -116,6 +118,16 @@ class Ctx:
     def param(self, module: torch.nn.Module, attr: str) -> L.Labels | None:
         t = getattr(module, attr, None)
         return None if t is None else self.tensor_labels(t)
+
+    def mark_active(self, *arrays: np.ndarray) -> None:
+        """Channels a leaf module or wrapped function computes internally (attention heads):
+        they never show up in a traced activation but are as real as those that do."""
+        self.active.extend(arrays)
+
+    def mark_producer(self, name: str, atoms: np.ndarray) -> None:
+        """A slice of a parameter dim that produces one group of channels on its own (the q/k
+        rows and the v rows of a fused projection); the whole dim is then marked passive."""
+        self.producers.append((name, atoms))
 
     def mark_passive(self, module: torch.nn.Module | None, attr_or_tensor: Any, *dims: int) -> None:
         t = getattr(module, attr_or_tensor, None) if module is not None else attr_or_tensor
@@ -309,6 +321,8 @@ def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
         if node.op != "get_attr":
             for arr in iter_arrays(ctx.values.get(node.name), sizes=False):
                 in_act[roots[arr]] = True
+    for arr in ctx.active:
+        in_act[roots[arr]] = True
     # producer dims: every labelled parameter dim that no rule declared passive
     parent = {}  # union of units sharing a producer dim -> group
 
@@ -319,21 +333,20 @@ def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
 
     producers: dict[int, list[str]] = {}
     in_producer = np.zeros(uf.size, dtype=bool)
-    for name, labs in ctx.param_labels.items():
-        for d, arr in enumerate(labs):
-            if (name, d) in ctx.passive or not arr.any():
-                continue
-            r = np.unique(roots[arr])
-            r = r[~pinned[r] & in_act[r]]
-            if r.size == 0:
-                continue
-            in_producer[r] = True
-            head = find(int(r[0]))
-            for x in r[1:].tolist():
-                fx_ = find(x)
-                if fx_ != head:
-                    parent[fx_] = head
-            producers.setdefault(head, []).append(f"{name}[{d}]")
+    dims = [(f"{name}[{d}]", arr) for name, labs in ctx.param_labels.items()
+            for d, arr in enumerate(labs) if (name, d) not in ctx.passive and arr.any()]
+    for label, arr in dims + ctx.producers:
+        r = np.unique(roots[arr])
+        r = r[~pinned[r] & in_act[r]]
+        if r.size == 0:
+            continue
+        in_producer[r] = True
+        head = find(int(r[0]))
+        for x in r[1:].tolist():
+            fx_ = find(x)
+            if fx_ != head:
+                parent[fx_] = head
+        producers.setdefault(head, []).append(label)
     units = np.flatnonzero(in_producer)
     by_group: dict[int, list[int]] = {}
     for u in units.tolist():

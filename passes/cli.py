@@ -29,7 +29,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import InputError, PassesError, TraceError, VerificationError
+from .errors import ExportError, InputError, ParityError, PassesError, TraceError, VerificationError
 from .models import check_runs, format_shapes, load_model, make_inputs, parse_shapes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -53,6 +53,8 @@ class OutputError(UsageError):
 class SaveError(PassesError):
     """A result could not be written (e.g. the pruned model does not pickle)."""
 
+    says_what_to_do = True
+
 
 # ------------------------------------------------------------------------------------------
 # errors: one line, exit code by category
@@ -72,10 +74,10 @@ def _hint(e: Exception) -> str:
     if isinstance(e, VerificationError):
         return ("the pruned model does not match the masked original, a passes bug: please report "
                 "it; meanwhile --ignore the layers involved")
-    if type(e).__name__ == "ParityError":
+    if isinstance(e, ParityError):
         return ("ONNX Runtime disagrees with torch: check for code paths that differ under export "
                 "(torch.onnx.is_in_onnx_export) or data-dependent branches in the forward")
-    if type(e).__name__ == "ExportError":
+    if isinstance(e, ExportError):
         return "" if "hint:" in text else "replace the op named above or try another exporter/opset"
     return "please report this with the model; meanwhile --ignore the layers involved"
 
@@ -235,7 +237,9 @@ def prune(
                     torch.save(result.model, stage.tmp / "pruned.pt")
                     result.plan.save(stage.tmp / "plan.json")
                 except Exception as e:  # noqa: BLE001 - pickling errors come in many types
-                    raise SaveError(f"cannot save the pruned model: {type(e).__name__}: {e}") from e
+                    raise SaveError(f"cannot save the pruned model with torch.save: {type(e).__name__}: "
+                                    f"{e}; keep lambdas and locally defined classes out of the model's "
+                                    f"modules and attributes") from e
             exports = {}
             for key, module in (("original", loaded.model), ("pruned", result.model)):
                 with _step(err, f"export {key}.onnx", timings):
@@ -365,10 +369,6 @@ def inspect(
             widths.add_row(name, type(module).__name__, str(tuple(w.shape)))
     for table in (groups, pinned, widths):
         console.print(table)
-
-
-def main() -> None:  # pragma: no cover - the console script entry is `app`
-    app()
 
 
 if __name__ == "__main__":

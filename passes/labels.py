@@ -113,8 +113,11 @@ def merge(pin: PinFn, parts: Sequence[np.ndarray], reason: str) -> np.ndarray:
     return np.broadcast_to(parts[k].reshape(shape), sizes).reshape(-1).copy()
 
 
-def split(uf: UnionFind, arr: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
-    """Unflatten one dim into `sizes`; see the module docstring for which part keeps labels."""
+def split(uf: UnionFind, arr: np.ndarray, sizes: Sequence[int], prefer: Sequence[int] = (),
+          force: int | None = None) -> list[np.ndarray]:
+    """Unflatten one dim into `sizes`; see the module docstring for which part keeps labels.
+    `prefer`: parts to choose first when none is already structured (sizes computed at run
+    time, which the rewrite re-plans); `force`: always this part (channel shuffle)."""
     sizes = [int(s) for s in sizes]
     if len(sizes) == 1:
         return [arr]
@@ -124,13 +127,14 @@ def split(uf: UnionFind, arr: np.ndarray, sizes: Sequence[int]) -> list[np.ndarr
     classes = uf.find(arr).reshape(sizes)
     out = [zeros(s) for s in sizes]
     for k, s in enumerate(sizes):
-        if s == 1:
+        if s == 1 or force is not None:
             continue
         first = _first_along(classes, k)
         if np.array_equal(np.broadcast_to(first, classes.shape), classes):
             out[k] = _first_along(grid, k).reshape(-1)
             return out
-    k = max(range(len(sizes)), key=lambda i: (sizes[i], -i))
+    cands = [i for i in prefer if sizes[i] > 1] or range(len(sizes))
+    k = force if force is not None else max(cands, key=lambda i: (sizes[i], -i))
     moved = np.moveaxis(grid, k, 0).reshape(sizes[k], -1)
     for col in range(1, moved.shape[1]):
         uf.union(moved[:, 0], moved[:, col])
@@ -145,8 +149,9 @@ def _first_along(a: np.ndarray, k: int) -> np.ndarray:
 
 
 def reshape(uf: UnionFind, pin: PinFn, labels: Labels, in_shape: Sequence[int],
-            out_shape: Sequence[int], reason: str) -> Labels:
-    """Labels of `x.view(out_shape)` given the labels of x (shapes fully known, no -1)."""
+            out_shape: Sequence[int], reason: str, computed: Sequence[int] = ()) -> Labels:
+    """Labels of `x.view(out_shape)` given the labels of x (shapes fully known, no -1).
+    `computed`: output dims whose size the code computes at run time (see `split`)."""
     in_shape, out_shape = [int(s) for s in in_shape], [int(s) for s in out_shape]
     out: list[np.ndarray] = []
     i = j = 0
@@ -170,5 +175,6 @@ def reshape(uf: UnionFind, pin: PinFn, labels: Labels, in_shape: Sequence[int],
             else:
                 gj.append(j); pj *= out_shape[j]; j += 1
         flat = merge(pin, [labels[k] for k in gi], reason)
-        out.extend(split(uf, flat, [out_shape[k] for k in gj]))
+        out.extend(split(uf, flat, [out_shape[k] for k in gj],
+                         prefer=[n for n, k in enumerate(gj) if k in computed]))
     return tuple(out)

@@ -92,7 +92,7 @@ def keep_every_dim(cg: ChannelGraph, removed: np.ndarray, score: np.ndarray, max
     arrays += [a for labs in cg.param_labels.values() for a in labs]
     for arr in arrays:
         n = len(arr)
-        if n < 2:
+        if n == 0:
             continue
         r = cg.roots[arr]
         rm = root_removed[r]

@@ -24,7 +24,7 @@ from .channels import ChannelGraph, attr_at, describe_target, map_meta
 from .errors import RewriteError
 from .plan import removed_mask
 from .rules import rule_for
-from .trace import propagate_shapes
+from .trace import NodeFailure, propagate_shapes
 
 
 class RewriteCtx:
@@ -107,9 +107,8 @@ def check_shapes(rctx: RewriteCtx, inputs: tuple) -> int:
     gm = rctx.gm
     try:
         macs = propagate_shapes(gm, inputs)
-    except Exception as e:
-        raise RewriteError(f"the rewritten model does not run: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    except NodeFailure as e:
+        raise RewriteError(f"the rewritten model does not run: {e}") from e.error
     for node in gm.graph.nodes:
         want = rctx.cg.values.get(node.name)
         meta = node.meta.get("tensor_meta")

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import InputError, TraceError
 
@@ -32,12 +33,18 @@ class Traced:
 def as_inputs(example_inputs) -> tuple:
     """A tensor or a tuple/list of tensors -> tuple; anything else is an InputError."""
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
+        inputs = (example_inputs,)
+    elif isinstance(example_inputs, (tuple, list)) and example_inputs and all(
             isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise InputError(
-        f"example_inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}")
+        inputs = tuple(example_inputs)
+    else:
+        raise InputError(
+            f"example_inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}")
+    for i, t in enumerate(inputs):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise InputError(f"example input {i} has {int((~torch.isfinite(t)).sum())} NaN/Inf values: "
+                             f"equivalence checks need finite inputs")
+    return inputs
 
 
 def check_model(model: torch.nn.Module) -> None:
@@ -75,6 +82,9 @@ def eval_mode(model: torch.nn.Module):
 
 def trace(model: torch.nn.Module, example_inputs) -> Traced:
     inputs = as_inputs(example_inputs)
+    for i, t in enumerate(inputs):
+        if t.is_floating_point() and t.dtype not in _SUPPORTED_DTYPES:
+            raise InputError(f"example input {i} is {t.dtype}; the model is float32: pass float32 inputs")
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ... from user code
@@ -85,13 +95,16 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
             f"{type(model).__name__}.forward takes {n_placeholders} inputs, example_inputs has {len(inputs)}")
     try:
         macs = propagate_shapes(gm, inputs)
-    except Exception as e:
-        node = _failing_node(e)
+    except NodeFailure as e:
         shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in inputs)
-        raise InputError(
-            f"the model does not run on example inputs [{shapes}]"
-            + (f": node '{node}'" if node else "")
-            + f" raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise InputError(f"the model does not run on example inputs [{shapes}]: {e}") from e.error
+    for name, m in model.named_modules():  # fx rebuilds containers; keep the caller's flags
+        if name:
+            try:
+                gm.get_submodule(name).training = m.training
+            except AttributeError:
+                pass
+    gm.training = model.training
     return Traced(gm, inputs, macs)
 
 
@@ -104,7 +117,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> int:
     from .count import macs_counter, macs_of
 
     with eval_mode(gm), torch.no_grad(), macs_counter() as fc:
-        _ShapeProp(gm).propagate(*inputs)
+        _ShapeProp(gm).run(*inputs)
     return macs_of(fc)
 
 
@@ -117,8 +130,37 @@ class FreshArgs:
         return _thaw(args), _thaw(kwargs)
 
 
-class _ShapeProp(FreshArgs, ShapeProp):
-    pass
+class NodeFailure(Exception):
+    """A node raised while the graph ran: which node, and torch's own exception."""
+
+    def __init__(self, node: fx.Node, error: Exception):
+        self.node, self.error = node, error
+        first = (str(error).strip().splitlines() or [""])[0]
+        super().__init__(f"node '{node.name}' ({_target(node)}) raised {type(error).__name__}: {first}")
+
+
+def _target(node: fx.Node) -> str:
+    from .channels import describe_target
+    return describe_target(node)
+
+
+class _ShapeProp(FreshArgs, fx.Interpreter):
+    """torch.fx ShapeProp's job (tensor_meta on every node, with ShapeProp's own metadata
+    extractor), but a failure names the node and keeps torch's message, and prints nothing."""
+
+    def run_node(self, n):
+        try:
+            result = super().run_node(n)
+        except NodeFailure:
+            raise
+        except Exception as e:
+            raise NodeFailure(n, e) from e
+        found = []
+        meta = map_aggregate(result, lambda o: found.append(1) or _extract_tensor_metadata(o)
+                             if isinstance(o, torch.Tensor) else o)
+        if found:
+            n.meta["tensor_meta"] = meta
+        return result
 
 
 def _thaw(v):
@@ -131,13 +173,6 @@ def _thaw(v):
     if isinstance(v, dict):
         return {k: _thaw(x) for k, x in v.items()}
     return v
-
-
-def _failing_node(e: Exception) -> str | None:
-    for note in getattr(e, "__notes__", []) or []:
-        if "node" in note:
-            return note.strip()
-    return None
 
 
 def _trace_message(model: torch.nn.Module, e: Exception) -> str:

@@ -109,9 +109,11 @@ def test_multihead_attention_replaced_with_consistent_module():
     attn = r.model.attn
     assert isinstance(attn, passes.modules.SlimMultiheadAttention)
     assert attn.num_heads == 4
+    assert attn.qk_head_dim == 4 and attn.v_head_dim == 4  # head width 8 -> int(8 * 0.5)
     rows = 2 * attn.num_heads * attn.qk_head_dim + attn.num_heads * attn.v_head_dim
     assert attn.in_proj_weight.shape == (rows, r.model.embed.out_features)
     assert attn.out_proj.in_features == attn.num_heads * attn.v_head_dim
+    assert (attn.out_proj.out_features, attn.out_proj.in_features) == tuple(attn.out_proj.weight.shape)
 
 
 def test_caller_model_untouched_unless_inplace():
@@ -125,8 +127,9 @@ def test_caller_model_untouched_unless_inplace():
     assert r.model.get_submodule("stem.0").out_channels < model.stem[0].out_channels
 
     r2 = passes.prune(model, x, ratio=0.5, inplace=True)
-    assert model.stem[0].weight.shape == r2.model.get_submodule("stem.0").weight.shape
-    assert model.stem[0].weight.shape[0] < state["stem.0.weight"].shape[0]
+    assert r2.model is model  # the caller's object became the pruned model, and works
+    assert model.get_submodule("stem.0").weight.shape[0] < state["stem.0.weight"].shape[0]
+    torch.testing.assert_close(model(x), r.model(x))
 
 
 def test_plan_roundtrip_and_reapply(tmp_path):

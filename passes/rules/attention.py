@@ -50,10 +50,13 @@ def _sdpa_rewrite(rctx, node):
         set_arg(node, 7, "scale", 1.0 / math.sqrt(len(q[-1])))
 
 
-def _couple_heads(ctx, rows, out_cols):
+def _couple_heads(ctx, name, rows, out_cols):
     """rows: q/k/v projection rows as [3, heads, head_dim] atoms. Position d of every q and k
     head is one unit (they are contracted together), position d of every v head another, and
-    the output projection's columns follow v."""
+    the output projection's columns follow v. These widths live inside the op: marked active."""
+    ctx.mark_active(rows.reshape(-1))
+    ctx.mark_producer(f"{name}[q,k]", rows[:2].reshape(-1).copy())
+    ctx.mark_producer(f"{name}[v]", rows[2].reshape(-1).copy())
     for h in range(rows.shape[1]):
         ctx.unify(rows[0, 0].copy(), rows[0, h].copy())
         ctx.unify(rows[0, h].copy(), rows[1, h].copy())
@@ -74,7 +77,9 @@ def _mha(ctx, node):
     reason = ctx.why("attention input meets a non-channel dim")
     for x in (q, k, v):
         ctx.unify(x[-1], w[1], reason)
-    _couple_heads(ctx, rows, wo[1])
+    _couple_heads(ctx, f"{node.target}.in_proj_weight", rows, wo[1])
+    ctx.mark_passive(m, "in_proj_weight", 0)
+    ctx.mark_passive(m, "in_proj_bias", 0)
     if b is not None:
         ctx.unify(b[0], w[0])
     if bo is not None:
@@ -93,6 +98,7 @@ def _mha_rewrite(rctx, node):
         return
     rows = rctx.cg.param_labels[f"{node.target}.in_proj_weight"][0].reshape(3, m.num_heads, m.head_dim)
     dqk, dv = rctx.count(rows[0, 0]), rctx.count(rows[2, 0])
+    m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
     slim = SlimMultiheadAttention(m.in_proj_weight, m.in_proj_bias, m.out_proj, m.num_heads, dqk, dv,
                                   scale=1.0 / math.sqrt(m.head_dim), dropout=m.dropout,
                                   batch_first=m.batch_first)
@@ -113,13 +119,14 @@ def _window(ctx, node):
         return UNKNOWN.labels(ctx, node)
     ctx.unify(x[-1], w[1], ctx.why("attention input meets a non-channel dim"))
     rows = w[0].reshape(3, heads, len(x[-1]) // heads)
-    _couple_heads(ctx, rows, p[1])
+    _couple_heads(ctx, a["w"].target if hasattr(a["w"], "target") else "qkv_weight", rows, p[1])
     for bias, weight in (("qb", w), ("pb", p)):
         if ctx.labels(a[bias]) is not None:
             ctx.unify(ctx.labels(a[bias])[0], weight[0])
     for name in ("bias", "ls"):  # per-head tensors: heads are not pruned
         ctx.pin_value(ctx.labels(a[name]), ctx.why("per-head attention tensor"))
-    ctx.mark_passive(None, _tensor_of(ctx, a["w"]), 1)
+    ctx.mark_passive(None, _tensor_of(ctx, a["w"]), 0, 1)
+    ctx.mark_passive(None, _tensor_of(ctx, a["qb"]), 0)
     ctx.mark_passive(None, _tensor_of(ctx, a["p"]), 1)
     shape = tuple(node.meta["tensor_meta"].shape)
     return tuple(np.zeros(s, dtype=np.int64) for s in shape[:-1]) + (p[0],)

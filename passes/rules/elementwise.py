@@ -20,6 +20,10 @@ def broadcast(ctx, inputs: list, out_shape) -> tuple:
     nd = len(out_shape)
     out = []
     reason = ctx.why("elementwise with a non-channel dim")
+    for lab in inputs:  # a single channel (a size-1 slice) used as an operand: cannot go
+        for a in lab:
+            if len(a) == 1 and a[0]:
+                ctx.pin(a, ctx.why("a single channel is used as a broadcast operand"))
     for k, size in enumerate(out_shape):
         arrs = []
         for lab in inputs:

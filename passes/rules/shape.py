@@ -30,7 +30,18 @@ def _out_shape(node):
 def _reshape(ctx, node):
     x = _x(ctx, node)
     return L.reshape(ctx.uf, ctx.pin, x, [len(a) for a in x], _out_shape(node),
-                     ctx.why("a view merges two channel dims"))
+                     ctx.why("a view merges two channel dims"), computed=_computed_dims(node))
+
+
+def _computed_dims(node):
+    """Output dims of view/reshape whose size is not a literal (a traced value or -1)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name not in ("view", "reshape"):
+        return ()
+    sizes = node.args[1:] or (node.kwargs.get("shape") or node.kwargs.get("size") or (),)
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = sizes[0]
+    return [k for k, s in enumerate(sizes) if not isinstance(s, int) or s == -1]
 
 
 def _reshape_rewrite(rctx, node):
@@ -362,7 +373,7 @@ def _channel_shuffle(ctx, node):
     x = _x(ctx, node)
     g = ctx.module(node).groups
     c = x[1]
-    parts = L.split(ctx.uf, c, [g, len(c) // g])
+    parts = L.split(ctx.uf, c, [g, len(c) // g], force=1)  # channel i of every group together
     shuffled = L.merge(ctx.pin, [parts[1], parts[0]], ctx.why("channel shuffle"))
     return (x[0], shuffled) + tuple(x[2:])
 
