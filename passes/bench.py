@@ -2,9 +2,11 @@
 
 `benchmark([original, pruned, ...], inputs)` takes .onnx files or nn.Modules (exported first
 with `export_onnx`, parity-checked, to a temporary file), creates one InferenceSession per model
-before any timing, runs `warmup` calls each, then `runs` rounds that call A, B, C, ... once
-each, timing every call with `time.perf_counter`. Interleaving spreads machine noise (thermal,
-other processes) evenly over the models, so the ratios are fairer than the absolute times.
+before any timing, runs `warmup` calls each, then `runs` rounds that call every model once,
+timing every call with `time.perf_counter`. Round r starts with model r mod n (A B C, B C A,
+...): a call right after a large model was measured ~20% slower here, so every model takes
+every position equally. Interleaving spreads machine noise (thermal, other processes) evenly
+over the models, so the ratios are fairer than the absolute times.
 
 Every session has intra-op spinning off (`session.intra_op.allow_spinning = "0"`): with it
 on, the idle sessions' spinning threads steal the cores from the one being timed and scramble
@@ -200,11 +202,13 @@ def _time(sessions: list[ort.InferenceSession], feeds: list[dict[str, np.ndarray
         for _ in range(warmup):
             session.run(None, feed)
     times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(runs):
-        for session, feed, record in zip(sessions, feeds, times):
+    n = len(sessions)
+    for r in range(runs):
+        for k in range(n):  # round r starts at model r mod n: every model takes every position
+            i = (r + k) % n
             start = time.perf_counter()
-            session.run(None, feed)
-            record.append((time.perf_counter() - start) * 1e3)
+            sessions[i].run(None, feeds[i])
+            times[i].append((time.perf_counter() - start) * 1e3)
     return times
 
 
