@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import InputError, TraceError
 
@@ -109,16 +110,26 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> int:
-    """ShapeProp in eval mode on real tensors; returns the MACs of that forward.
+    """tensor_meta on every node, in eval mode; returns the MACs of that forward.
 
-    Real tensors, not fake ones: measured here, FakeTensorMode's per-op overhead made shape
-    propagation 2-10x slower on CNNs (densenet201: 1.9 s fake vs 0.19 s real). MACs are
-    counted in the same pass (`passes.count`), so counting costs no extra forward."""
+    Runs on meta tensors first (parameters swapped for meta copies, nothing computed), then, if
+    an op needs real values, on real tensors. Measured here on resnet50, densenet201, vit_b_16,
+    swin_t: meta 1.4-7x faster, identical MACs (FakeTensorMode was slower than real tensors on
+    CNNs). MACs are counted in the same pass (`passes.count`): counting costs no extra forward."""
     from .count import macs_counter, macs_of
 
-    with eval_mode(gm), torch.no_grad(), macs_counter() as fc:
-        _ShapeProp(gm).run(*inputs)
-    return macs_of(fc)
+    with eval_mode(gm), torch.no_grad():
+        try:
+            state = {n: torch.empty_like(t, device="meta")
+                     for n, t in list(gm.named_parameters()) + list(gm.named_buffers())}
+            with _reparametrize_module(gm, state), macs_counter() as fc:
+                _ShapeProp(gm).run(*(t.to("meta") for t in inputs))
+            return macs_of(fc)
+        except NodeFailure:
+            pass
+        with macs_counter() as fc:
+            _ShapeProp(gm).run(*inputs)
+        return macs_of(fc)
 
 
 class FreshArgs:

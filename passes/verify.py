@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .channels import attr_at
-from .errors import VerificationError
+from .errors import InputError, VerificationError
 from .plan import removed_mask
 from .trace import FreshArgs, as_inputs, eval_mode
 
@@ -157,7 +157,11 @@ def verify(original: torch.nn.Module, result, example_inputs, *, atol: float = 1
     """Check `result.model` against `original` and `result.plan` (see module docstring)."""
     inputs = as_inputs(example_inputs)
     with torch.no_grad(), eval_mode(original), eval_mode(result.model):
-        ref = flatten_outputs(original(*inputs))
+        try:
+            ref = flatten_outputs(original(*inputs))
+        except Exception as e:  # shapes are propagated on meta tensors, which check no values
+            raise InputError(f"the model does not run on example inputs: {type(e).__name__}: "
+                             f"{(str(e).strip().splitlines() or [''])[0]}") from e
         got = flatten_outputs(result.model(*inputs))
     shapes = [tuple(t.shape) for t in ref] == [tuple(t.shape) for t in got]
     if not shapes:
