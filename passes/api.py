@@ -69,7 +69,16 @@ class PruneResult:
 def analyze(model: torch.nn.Module, example_inputs) -> ChannelGraph:
     """Trace and analyse without changing anything: units, groups, pins with reasons."""
     check_model(model)
-    return analyze_graph(trace(copy.deepcopy(model), as_inputs(example_inputs)))
+    return analyze_graph(trace(_copy(model), as_inputs(example_inputs)))
+
+
+def _copy(model: torch.nn.Module) -> torch.nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:
+        raise InputError(f"cannot copy {type(model).__name__} ({type(e).__name__}: {e}); pass "
+                         f"inplace=True to prune it without a copy (the model object becomes the "
+                         f"pruned one)") from e
 
 
 def _check_args(ratio, round_to, max_ratio, ratios):
@@ -133,8 +142,8 @@ def prune(model: torch.nn.Module, example_inputs, *, ratio: float = 0.5, importa
     inputs = as_inputs(example_inputs)
     ignored = _module_names(model, ignored_layers, "ignored_layers")
     per_module = dict(zip(_module_names(model, list((ratios or {}).keys()), "ratios"), (ratios or {}).values()))
-    reference = copy.deepcopy(model) if (inplace and verify) else model
-    work = model if inplace else copy.deepcopy(model)
+    reference = _copy(model) if (inplace and verify) else model
+    work = model if inplace else _copy(model)
     cg = analyze_graph(trace(work, inputs))
     score = imp.scores(cg, importance, seed)
     frozen = np.zeros(cg.uf.size, dtype=bool)
@@ -162,8 +171,8 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs, *, verify: bo
                         f"load a saved one with passes.Plan.load(path)")
     check_model(model)
     inputs = as_inputs(example_inputs)
-    reference = copy.deepcopy(model) if (inplace and verify) else model
-    cg = analyze_graph(trace(model if inplace else copy.deepcopy(model), inputs))
+    reference = _copy(model) if (inplace and verify) else model
+    cg = analyze_graph(trace(model if inplace else _copy(model), inputs))
     removed = plan.to_units(cg)
     return _finish(reference, cg, removed, plan, inputs, model if inplace else None, verify, atol, rtol)
 

@@ -69,6 +69,17 @@ def check_model(model: torch.nn.Module) -> None:
                                  f"importance and equivalence checks need finite weights")
 
 
+def check_hooks(model: torch.nn.Module) -> None:
+    """torch.fx traces `forward`, not `__call__`: hooks of traced-through modules would vanish,
+    and hooks of leaf modules would change values the rules know nothing of. Refuse both."""
+    for name, m in model.named_modules():
+        hooks = [kind for kind in ("_forward_pre_hooks", "_forward_hooks") if getattr(m, kind, None)]
+        if hooks:
+            raise InputError(f"module '{name or type(model).__name__}' has {' and '.join(h.strip('_') for h in hooks)}; "
+                             f"torch.fx would not keep them in the pruned graph: remove them before pruning "
+                             f"and register them on the pruned model")
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """Eval mode for the duration, with every submodule's training flag restored afterwards."""
@@ -86,8 +97,10 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
     for i, t in enumerate(inputs):
         if t.is_floating_point() and t.dtype not in _SUPPORTED_DTYPES:
             raise InputError(f"example input {i} is {t.dtype}; the model is float32: pass float32 inputs")
+    check_hooks(model)
     try:
-        gm = fx.symbolic_trace(model)
+        with eval_mode(model):  # `if self.training:` branches: the inference graph is the one pruned
+            gm = fx.symbolic_trace(model)
     except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ... from user code
         raise TraceError(_trace_message(model, e)) from e
     n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
@@ -158,6 +171,10 @@ def _target(node: fx.Node) -> str:
 class _ShapeProp(FreshArgs, fx.Interpreter):
     """torch.fx ShapeProp's job (tensor_meta on every node, with ShapeProp's own metadata
     extractor), but a failure names the node and keeps torch's message, and prints nothing."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.extra_traceback = False  # our NodeFailure already names the node, in one line
 
     def run_node(self, n):
         try:

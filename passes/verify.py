@@ -57,7 +57,9 @@ def flatten_outputs(out) -> list[torch.Tensor]:
 
 def masked_copy(original: torch.nn.Module, plan) -> fx.GraphModule:
     """A traced deep copy of `original` with the plan's removed slices zeroed (names as in the graph)."""
-    gm = fx.symbolic_trace(copy.deepcopy(original))
+    model = copy.deepcopy(original)
+    with eval_mode(model):  # traced as the pruned model was: eval-mode branches
+        gm = fx.symbolic_trace(model)
     with torch.no_grad():
         for name, dims in plan.removed.items():
             t = attr_at(gm, name)
