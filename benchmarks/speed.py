@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -101,7 +102,8 @@ def main(argv=None):
               f"Torch-Pruning {row['tp_total_s']:.3f}s (graph {row['tp_graph_s']:.3f}s) | "
               f"TP/passes {row['speedup']:.2f}x", flush=True)
     import torch_pruning as tp
-    machine = dict(cpu=cpu_model(), cores=torch.get_num_threads(), python=platform.python_version(),
+    machine = dict(cpu=cpu_model(), cores=torch.get_num_threads(), load_average_1_5_15=os.getloadavg(),
+                   python=platform.python_version(),
                    torch=torch.__version__, torchvision=torchvision.__version__, torch_pruning=tp.__version__)
     command = "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     RESULTS.mkdir(exist_ok=True)
@@ -110,7 +112,9 @@ def main(argv=None):
     lines = [f"# Analysis + rewrite time: passes vs Torch-Pruning", "",
              f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Input 1x3x{args.size}x{args.size}, ratio 0.5, local L2, classifier ignored, median of {args.repeats} "
-             "interleaved runs, both in place on a fresh copy.", "",
+             "interleaved runs, both in place on a fresh copy. The load average is the machine's at the end "
+             "of the run: other jobs slow compute-bound work (TP's traced forward, our shape pass) more than "
+             "Python-bound work, so compare ratios from runs at similar load.", "",
              "| model | passes prune (s) | passes analyze (s) | Torch-Pruning graph+step (s) | TP graph (s) | TP / passes |",
              "|---|---|---|---|---|---|"]
     for r in rows:

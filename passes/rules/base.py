@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -55,7 +56,6 @@ def _flat_nodes(a):
 
 
 def _is_labels(v: Any) -> bool:
-    import numpy as np
     return all(isinstance(x, np.ndarray) for x in v)
 
 

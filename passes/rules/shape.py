@@ -260,7 +260,6 @@ def _index(ctx, node, x, idx, rewrite):
             dynamic = any(isinstance(p, fx.Node) for p in parts)
             if dynamic:
                 if rewrite is None:
-                    meta_len = None
                     if arr.any():
                         ctx.pin(arr, ctx.why("sliced with a computed bound"))
                     out.append(None)  # filled from meta below
