@@ -24,6 +24,7 @@ and the smallest failing program. Results go to benchmarks/results/fuzz.md and f
 from __future__ import annotations
 
 import argparse
+import signal
 import contextlib
 import io
 import json
@@ -235,6 +236,7 @@ def write_reports(summary: dict, out_dir: Path) -> None:
         f"Code: {m['code']}.", "",
         f"Engine `{summary['engine']}`, seed {summary['seed']}, {summary['workers']} worker(s), "
         f"{summary['threads']} torch thread(s) each, at most {summary['max_blocks']} blocks per program.", "",
+        *([f"**Stopped early:** {summary['stopped_after']}.", ""] if summary.get("stopped_after") else []),
         "| examples | passed | failed | exact | inexact (GroupNorm) | pruned something | wall time | examples/s |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         f"| {summary['examples']} | {summary['passed']} | {summary['failed']} | {summary['exact']} | "
@@ -307,14 +309,18 @@ def main(argv=None) -> int:
     run = run_random if a.engine == "random" else run_hypothesis
     results, fails = [], Counter()
     t0 = time.perf_counter()
-    for r in run(a.examples, a.seed, a.workers, a.threads, a.max_blocks):
-        results.append(r)
-        if not r["ok"]:
-            fails[r["signature"]] += 1
-        if a.progress and len(results) % a.progress == 0:
-            el = time.perf_counter() - t0
-            print(f"[{len(results)}/{a.examples}] {el:.0f} s, {len(results) / el:.2f} ex/s, "
-                  f"{sum(fails.values())} failures in {len(fails)} signatures", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
+    try:
+        for r in run(a.examples, a.seed, a.workers, a.threads, a.max_blocks):
+            results.append(r)
+            if not r["ok"]:
+                fails[r["signature"]] += 1
+            if a.progress and len(results) % a.progress == 0:
+                el = time.perf_counter() - t0
+                print(f"[{len(results)}/{a.examples}] {el:.0f} s, {len(results) / el:.2f} ex/s, "
+                      f"{sum(fails.values())} failures in {len(fails)} signatures", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # a stopped run still reports what it ran, and says it stopped
+        meta["stopped_after"] = f"{len(results)} of {a.examples} requested examples (interrupted)"
     meta["wall_time_s"] = time.perf_counter() - t0
     summary = summarise(results, meta)
     write_reports(summary, a.out)
