@@ -101,7 +101,12 @@ def main(argv=None):
         print(f"{name}: passes {row['passes_prune_s']:.3f}s (analyze {row['passes_analyze_s']:.3f}s) | "
               f"Torch-Pruning {row['tp_total_s']:.3f}s (graph {row['tp_graph_s']:.3f}s) | "
               f"TP/passes {row['speedup']:.2f}x", flush=True)
+        write(rows, args, argv)  # after every model: an interrupted run keeps what it measured
+
+
+def write(rows, args, argv):
     import torch_pruning as tp
+
     machine = dict(cpu=cpu_model(), cores=torch.get_num_threads(), load_average_1_5_15=os.getloadavg(),
                    python=platform.python_version(),
                    torch=torch.__version__, torchvision=torchvision.__version__, torch_pruning=tp.__version__)
