@@ -464,6 +464,18 @@ COLUMNS = ["model", "family", "input", "passes_ok", "passes_error", "tp_ok", "tp
            "passes_analysis_s", "passes_verify_s", "tp_s", "tp_ignored", "seconds", "wall_s", "kwargs", "repro"]
 
 
+def _short(command: str) -> str:
+    """A command line with a long --models list shortened to its first names and the count."""
+    words = command.split()
+    if "--models" not in words:
+        return command
+    i = words.index("--models") + 1
+    j = next((k for k in range(i, len(words)) if words[k].startswith("--")), len(words))
+    if j - i <= 6:
+        return command
+    return " ".join(words[:i] + words[i:i + 3] + [f"... ({j - i} models)"] + words[j:])
+
+
 def _cell(text) -> str:
     text = str(text).replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= 160 else text[:157] + "..."
@@ -499,8 +511,16 @@ def write_results(state: dict) -> None:
     m = state["machine"]
     lines = ["# passes and Torch-Pruning on the torchvision zoo", "",
              "Produced by (in this order; a later run replaces the rows of the models it ran):", ""]
-    lines += [f"- `{r['command']}` ({r['started']}, {r['seconds'] / 60:.1f} min, {r['models']} models"
-              + (f"; {r['note']}" if r.get("note") else "") + ")" for r in state["runs"]]
+    runs = sorted(state["runs"], key=lambda r: r["started"])
+    lines += [f"- `{_short(r['command'])}` ({r['started']}, {r['seconds'] / 60:.1f} min, {r['models']} models"
+              + (f"; {r['note']}" if r.get("note") else "") + ")" for r in runs]
+    if runs:
+        begin = min(time.mktime(time.strptime(r["started"][:19], "%Y-%m-%d %H:%M:%S")) for r in runs if len(r["started"]) > 16)
+        end = max(time.mktime(time.strptime(r["started"][:19], "%Y-%m-%d %H:%M:%S")) + r["seconds"]
+                  for r in runs if len(r["started"]) > 16)
+        serial = sum(r.get("wall_s", 0) for r in rows)
+        lines += ["", f"Total: {len(rows)} models; {(end - begin) / 60:.0f} min from the first run's start to the "
+                  f"last run's end (runs overlapping), {serial / 60:.0f} min of per-model process time summed."]
     lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB; Python {m['python']}, "
               f"torch {m['torch']}, torchvision {m['torchvision']}, onnxruntime {m['onnxruntime']}, "
               f"torch-pruning {m['torch_pruning']}.", "", "## Summary", ""]
@@ -534,7 +554,10 @@ def write_results(state: dict) -> None:
               "- Each model runs in its own subprocess (stages: original ONNX export, passes, Torch-Pruning, "
               "latency) with a timeout and a resident-memory limit; a timeout, kill or crash fails the stage it "
               "was in (and the tools after it: \"not reached\"), earlier stages keep their results. A latency "
-              "or original-export failure is shown in the ORT column and judges neither tool.", "",
+              "or original-export failure is shown in the ORT column and judges neither tool; a model whose "
+              "Torch-Pruning stage was killed has no latency numbers (the benchmark runs last). Detection: "
+              "torch.fx cannot trace the models (passes' front end), and most originals already fail the ONNX "
+              "check (batch-2 parity or ORT reshape errors), so no latency there either.", "",
               "## Results", "",
               "| model | input | passes | Torch-Pruning | params M before / passes / TP | MMACs before / passes / TP "
               "| equivalence (passes; TP n/a) | ORT ms before / passes / TP | analysis s passes / verify / TP |",
@@ -595,7 +618,7 @@ def main(argv=None) -> None:
         """Read, change and write the results under a lock: runs of other families may be writing."""
         run["seconds"] = time.perf_counter() - t0
         RESULTS.mkdir(exist_ok=True)
-        with open(RESULTS / ".zoo.lock", "w") as lock:
+        with open(Path(tempfile.gettempdir()) / "passes-zoo.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             state_file = RESULTS / "zoo.json"
             fresh = args.fresh and row is None
