@@ -29,6 +29,7 @@ import torch
 import torchvision
 
 import passes
+from passes.report import cpu_model
 from passes.channels import analyze_graph
 from passes.trace import trace
 
@@ -64,15 +65,6 @@ def time_passes(model, x):
     analyze_graph(trace(m, x))
     return total, time.perf_counter() - t
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None):
@@ -114,7 +106,7 @@ def write(rows, args, argv):
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "speed.json").write_text(json.dumps(dict(command=command, machine=machine, size=args.size,
                                                         repeats=args.repeats, rows=rows), indent=1))
-    lines = [f"# Analysis + rewrite time: passes vs Torch-Pruning", "",
+    lines = ["# Analysis + rewrite time: passes vs Torch-Pruning", "",
              f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Input 1x3x{args.size}x{args.size}, ratio 0.5, local L2, classifier ignored, median of {args.repeats} "
              "interleaved runs, both in place on a fresh copy. The load average is the machine's at the end "

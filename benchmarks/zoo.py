@@ -51,6 +51,8 @@ from pathlib import Path
 
 import torch
 import torchvision
+from passes.report import cpu_model
+from passes.verify import flatten_outputs
 
 RESULTS = Path(__file__).parent / "results"
 BUGS = Path("/tmp/passes_bugs")
@@ -119,15 +121,6 @@ def inputs_for(shapes) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(*s) for s in shapes)
 
 
-def leaves(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in leaves(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in leaves(v)]
-    return []
-
 
 def output_layers(model: torch.nn.Module, outputs: list[torch.Tensor], family: str) -> list[torch.nn.Module]:
     """The layers that produce the model's output channels (for Torch-Pruning's ignored_layers):
@@ -150,7 +143,7 @@ def _err(stage: str, exc: BaseException) -> str:
 
 def _forward(model, x):
     with torch.no_grad():
-        return leaves(model(*x))
+        return flatten_outputs(model(*x))
 
 
 def _check_pruned(row: dict, key: str, model, x, ref_shapes, onnx_path: Path) -> str | None:
@@ -429,15 +422,6 @@ def _watch(proc: subprocess.Popen, timeout: float, max_rss_gb: float) -> str | N
         time.sleep(0.5)
     return None
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def machine() -> dict:
