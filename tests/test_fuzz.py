@@ -103,6 +103,12 @@ REGRESSIONS = {
     "channel_shuffle_view_computed_size": ({**_stem(8), "blocks": [
         ["shuffle", {"groups": 4, "style": "size", "h": 8, "w": 8}],
         ["head", {"kind": "conv", "out": 3}]]}, dict(ratio=0.5)),
+    # grouped conv (2 channels per group), then x.view(b, 16, c // 16, h, w): whole groups are
+    # units, so the labels go to the literal 16, and c // 16 changes with c (bug 05)
+    "grouped_conv_then_view_shuffle": ({**_stem(16), "blocks": [
+        ["conv", {"out": 32, "k": 3, "groups": 16, "bias": True, "bn": False, "act": "relu"}],
+        ["shuffle", {"groups": 16, "style": "size", "h": 8, "w": 8}],
+        ["head", {"kind": "amax", "out": 1}]]}, dict(ratio=0.087, global_pruning=True, importance="random")),
     # torch.chunk into 1-channel pieces that are added: a piece can empty out (bug 04)
     "chunk_into_single_channels_added": ({**_stem(6), "blocks": [
         ["chunk", {"n": 6, "mode": "add"}],

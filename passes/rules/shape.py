@@ -29,19 +29,29 @@ def _out_shape(node):
 # -- reshape family -------------------------------------------------------------------------
 def _reshape(ctx, node):
     x = _x(ctx, node)
-    return L.reshape(ctx.uf, ctx.pin, x, [len(a) for a in x], _out_shape(node),
-                     ctx.why("a view merges two channel dims"), computed=_computed_dims(node))
+    out = L.reshape(ctx.uf, ctx.pin, x, [len(a) for a in x], _out_shape(node),
+                    ctx.why("a view merges two channel dims"), computed=_computed_dims(node))
+    for k, s in enumerate(_size_args(node)):  # e.g. view(b, 16, c // 16, h, w) where the labels
+        v = ctx.labels(s)                     # went to the 16: c // 16 would change with c
+        if isinstance(v, SizeVal) and k < len(out) and not out[k].any():
+            ctx.pin(v.atoms, ctx.why("a channel count sizes a non-channel dim of a view"))
+    return out
+
+
+def _size_args(node) -> list:
+    """The size arguments of view/reshape (varargs, one sequence, or keyword shape/size)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name not in ("view", "reshape"):
+        return []
+    sizes = node.args[1:] or (node.kwargs.get("shape") or node.kwargs.get("size") or (),)
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = sizes[0]
+    return list(sizes)
 
 
 def _computed_dims(node):
     """Output dims of view/reshape whose size is not a literal (a traced value or -1)."""
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if name not in ("view", "reshape"):
-        return ()
-    sizes = node.args[1:] or (node.kwargs.get("shape") or node.kwargs.get("size") or (),)
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        sizes = sizes[0]
-    return [k for k, s in enumerate(sizes) if not isinstance(s, int) or s == -1]
+    return [k for k, s in enumerate(_size_args(node)) if not isinstance(s, int) or s == -1]
 
 
 def _reshape_rewrite(rctx, node):
