@@ -14,6 +14,7 @@ from . import rewrite
 from .channels import ChannelGraph, analyze_graph
 from .count import count_params
 from .errors import InputError, PlanError, VerificationError
+from .labels import unique
 from .plan import Plan, keep_every_dim, select
 from .trace import as_inputs, check_model, trace
 from .verify import VerifyReport, verify as _verify
@@ -117,7 +118,7 @@ def _producer_roots(cg: ChannelGraph, prefixes: list[str]) -> dict[str, np.ndarr
                 for d, arr in enumerate(labs):
                     if (name, d) not in cg.passive and arr.any():
                         roots.append(cg.roots[arr])
-        out[p] = np.unique(np.concatenate(roots)) if roots else np.zeros(0, np.int64)
+        out[p] = unique(np.concatenate(roots)) if roots else np.zeros(0, np.int64)
     return out
 
 

@@ -115,6 +115,17 @@ class Ctx:
                 self.uf.fresh(s) if s > 1 else L.zeros(s) for s in t.shape)
         return self.param_labels[key]
 
+    def tie(self, t: torch.Tensor, labels: L.Labels, reason: str) -> None:
+        """Tensor `t` carries exactly `labels` (e.g. a norm's per-channel parameters). The first
+        time it is seen its labels are copies of `labels` (no fresh atoms, nothing to unite);
+        after that each dim is unified with them."""
+        key = self.tensor_names.get(id(t))
+        if key is not None and key not in self.param_labels:
+            self.param_labels[key] = tuple(a.copy() for a in labels)
+            return
+        for a, b in zip(self.tensor_labels(t), labels):
+            self.unify(a, b, reason)
+
     def param(self, module: torch.nn.Module, attr: str) -> L.Labels | None:
         t = getattr(module, attr, None)
         return None if t is None else self.tensor_labels(t)
@@ -244,7 +255,7 @@ class ChannelGraph:
         """One line per (reason, node): how many channel classes it pins."""
         seen: dict[tuple[str, str], set] = {}
         for rec in self.pins:
-            seen.setdefault((rec.reason, rec.node), set()).update(np.unique(self.roots[rec.atoms]).tolist())
+            seen.setdefault((rec.reason, rec.node), set()).update(L.unique(self.roots[rec.atoms]).tolist())
         return [PinnedInfo(r, n, len(s)) for (r, n), s in seen.items()]
 
     def summary(self) -> str:
@@ -311,7 +322,7 @@ def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
     cg.pin_reason = {}
     for rec in ctx.pins:
         r = roots[rec.atoms]
-        for root in np.unique(r[~pinned[r]]).tolist():
+        for root in L.unique(r[~pinned[r]]).tolist():
             cg.pin_reason[root] = rec
         pinned[r] = True
     pinned[0] = True
@@ -323,43 +334,34 @@ def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
                 in_act[roots[arr]] = True
     for arr in ctx.active:
         in_act[roots[arr]] = True
-    # producer dims: every labelled parameter dim that no rule declared passive
-    parent = {}  # union of units sharing a producer dim -> group
-
-    def find(x):
-        while parent.get(x, x) != x:
-            x = parent[x]
-        return x
-
-    producers: dict[int, list[str]] = {}
+    # producer dims: every labelled parameter dim that no rule declared passive. Units that
+    # share a producer dim form a group: components of a second union-find over unit roots,
+    # whose root is the component's smallest unit (union links the larger root to the smaller).
+    groups_uf = L.UnionFind(uf.size)
+    groups_uf.size = uf.size
+    heads: list[tuple[int, str]] = []
     in_producer = np.zeros(uf.size, dtype=bool)
     dims = [(f"{name}[{d}]", arr) for name, labs in ctx.param_labels.items()
             for d, arr in enumerate(labs) if (name, d) not in ctx.passive and arr.any()]
     for label, arr in dims + ctx.producers:
-        r = np.unique(roots[arr])
+        r = L.unique(roots[arr])
         r = r[~pinned[r] & in_act[r]]
         if r.size == 0:
             continue
         in_producer[r] = True
-        head = find(int(r[0]))
-        for x in r[1:].tolist():
-            fx_ = find(x)
-            if fx_ != head:
-                parent[fx_] = head
-        producers.setdefault(head, []).append(label)
+        if r.size > 1:
+            groups_uf.union(np.full(r.size - 1, r[0]), r[1:])
+        heads.append((int(r[0]), label))
     units = np.flatnonzero(in_producer)
-    by_group: dict[int, list[int]] = {}
-    for u in units.tolist():
-        by_group.setdefault(find(u), []).append(u)
-    # merge producer names recorded under heads that later got re-parented
+    reps, gid = np.unique(groups_uf.find(units), return_inverse=True)  # ordered by smallest unit
+    order = np.argsort(gid, kind="stable")
+    bounds = np.searchsorted(gid[order], np.arange(len(reps) + 1))
     names: dict[int, list[str]] = {}
-    for head, ns in producers.items():
-        names.setdefault(find(head), []).extend(ns)
+    head_roots = groups_uf.find(np.array([h for h, _ in heads], dtype=np.int64)) if heads else []
+    for rep, (_, label) in zip(np.asarray(head_roots).tolist(), heads):
+        names.setdefault(rep, []).append(label)
     cg.units = units
-    cg.groups = []
-    cg.unit_group = {}
-    for gid, (head, us) in enumerate(sorted(by_group.items(), key=lambda kv: min(kv[1]))):
-        cg.groups.append(Group(gid, np.array(sorted(us), dtype=np.int64), names.get(head, [])))
-        for u in us:
-            cg.unit_group[u] = gid
+    cg.groups = [Group(g, units[order[bounds[g]:bounds[g + 1]]], names.get(int(rep), []))
+                 for g, rep in enumerate(reps.tolist())]
+    cg.unit_group = dict(zip(units.tolist(), gid.tolist()))
     return cg

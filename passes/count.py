@@ -45,16 +45,27 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def macs_counter():
-    """FlopCounterMode with nn.MultiheadAttention's fused fast path off: the fused kernel is
-    one op the counter does not know, so with it on attention would count as zero MACs."""
+def unfused_attention():
+    """nn.MultiheadAttention's fused fast path off: the fused kernel is one op the counter does
+    not know, so with it on attention would count as zero MACs."""
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as fc:
-            yield fc
+        yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
+
+
+def new_counter() -> FlopCounterMode:
+    """A FlopCounterMode with passes' additions (interpolation, the CPU attention kernel)."""
+    return FlopCounterMode(display=False, custom_mapping=_CUSTOM)
+
+
+@contextlib.contextmanager
+def macs_counter():
+    """A FlopCounterMode active for the duration, attention unfused."""
+    with unfused_attention(), new_counter() as fc:
+        yield fc
 
 
 def macs_of(counter: FlopCounterMode) -> int:

@@ -2,11 +2,14 @@
 
 A unit's score adds up, over every parameter slice it removes (producer rows, biases, norm
 affine parameters, consumer columns), the slice's norm: `l1` sums |w|, `l2` sums the slices'
-L2 norms, `random` draws a seeded uniform number. Scores are comparable within a group; global
+L2 norms, `random` draws a seeded uniform number. Buffers (running statistics) and tensor
+constants are not weights and add nothing. Scores are comparable within a group; global
 ranking normalises them by the group mean (see `passes.plan`).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -17,16 +20,25 @@ from .errors import InputError
 CRITERIA = ("l1", "l2", "random")
 
 
-def _slice_norms(t: torch.Tensor, dims: list[int], kind: str) -> list[np.ndarray]:
-    """L1 or L2 norm of every slice along each of `dims` (one fused reduction per dim)."""
-    order = 1 if kind == "l1" else 2
+def _slice_norms(t: torch.Tensor, dims: list[int], kind: str, scratch: torch.Tensor) -> list[np.ndarray]:
+    """L1 or L2 norm of every slice along each of `dims`.
+
+    |w| or w^2 is written once into `scratch` (a buffer reused across tensors: a fresh one per
+    tensor spent its time in page faults), then viewed as (before, d, after) and summed over the
+    leading block first (row adds), then the trailing one. Measured on resnet50's convs: 3-4x
+    faster than `linalg.vector_norm` per dim, whose reductions over inner dims are strided."""
+    if t.dim() == 1:  # a bias or norm affine vector: each slice is one number
+        return [np.abs(t.detach().numpy()).astype(np.float64)]
     with torch.no_grad():
-        x = t.detach()
+        x = t.detach().contiguous()
+        p = scratch[: x.numel()].view(x.shape)
+        torch.abs(x, out=p) if kind == "l1" else torch.square(x, out=p)
         out = []
         for d in dims:
-            other = [k for k in range(x.dim()) if k != d]
-            s = torch.linalg.vector_norm(x, ord=order, dim=other) if other else x.abs()
-            out.append(s.float().numpy())
+            n = x.shape[d]
+            q = p.view(math.prod(x.shape[:d]), n, -1)
+            s = (q.sum(0) if q.shape[0] > 1 else q[0]).sum(1)
+            out.append((s if kind == "l1" else s.sqrt()).double().numpy())
     return out
 
 
@@ -38,10 +50,23 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
     if criterion == "random":
         out[cg.units] = np.random.default_rng(seed).random(len(cg.units))
         return out
+    is_unit = np.zeros(cg.uf.size, dtype=bool)
+    is_unit[cg.units] = True
+    work = []
+    params = {name for name, _ in cg.gm.named_parameters()}  # buffers (running stats) are not weights
     for name, labs in cg.param_labels.items():
+        if name not in params:
+            continue
         t = attr_at(cg.gm, name)
-        dims = [d for d, arr in enumerate(labs) if arr.any()]
+        dims = [d for d, arr in enumerate(labs) if is_unit[cg.roots[arr]].any()]  # pinned dims score nothing
         if dims and t.is_floating_point():  # index buffers carry no importance
-            for d, norms in zip(dims, _slice_norms(t, dims, criterion)):
-                np.add.at(out, cg.roots[labs[d]], norms)
-    return out
+            work.append((t, labs, dims))
+    if not work:
+        return out
+    scratch = torch.empty(max(t.numel() for t, _, _ in work), dtype=torch.float32)
+    roots, norms = [], []
+    for t, labs, dims in work:
+        for d, n in zip(dims, _slice_norms(t, dims, criterion, scratch)):
+            roots.append(cg.roots[labs[d]])
+            norms.append(n)
+    return np.bincount(np.concatenate(roots), np.concatenate(norms), minlength=cg.uf.size)

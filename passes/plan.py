@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from .channels import ChannelGraph, describe_target, iter_arrays
 from .errors import PlanError
+from .labels import unique
 
 
 def kept_count(n: int, ratio: float, max_ratio: float, round_to: int | None) -> int:
@@ -100,7 +101,7 @@ def keep_every_dim(cg: ChannelGraph, removed: np.ndarray, score: np.ndarray, max
         missing = need - (n - int(rm.sum()))
         if missing <= 0:
             continue
-        units, per = np.unique(r[rm], return_counts=True)
+        units, per = unique(r[rm], return_counts=True)
         for i in np.argsort(-score[units], kind="stable"):
             root_removed[units[i]] = False
             missing -= per[i]

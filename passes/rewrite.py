@@ -60,6 +60,7 @@ class RewriteCtx:
         return RewriteError(f"node '{node.name}' ({describe_target(node)}): {msg}")
 
 
+@torch.no_grad()
 def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
     """Slice every labelled tensor of `roots` (the GraphModule, and the original when in place)."""
     new_by_old: dict[int, torch.Tensor] = {}

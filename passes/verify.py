@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .channels import attr_at
 from .errors import InputError, VerificationError
 from .plan import removed_mask
-from .trace import FreshArgs, as_inputs, eval_mode
+from .trace import FreshArgs, as_inputs, eval_mode, symbolic_trace
 
 
 @dataclass
@@ -59,7 +59,7 @@ def masked_copy(original: torch.nn.Module, plan) -> fx.GraphModule:
     """A traced deep copy of `original` with the plan's removed slices zeroed (names as in the graph)."""
     model = copy.deepcopy(original)
     with eval_mode(model):  # traced as the pruned model was: eval-mode branches
-        gm = fx.symbolic_trace(model)
+        gm = symbolic_trace(model)
     with torch.no_grad():
         for name, dims in plan.removed.items():
             t = attr_at(gm, name)

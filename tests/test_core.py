@@ -42,6 +42,33 @@ def test_structure_prunes_with_masked_equivalence(name):
     assert rep.verify.max_rel_error <= 1e-4
 
 
+@pytest.mark.parametrize("name", sorted(STRUCTURES))
+def test_structure_prunes_again(name):
+    """A pruned model is a model like any other: it traces, analyses and prunes again."""
+    model, x = _build(name)
+    first = passes.prune(model, x, ratio=0.3)
+    second = passes.prune(first.model, x, ratio=0.3)
+    assert second.report.verify.ok and second.report.verify.exact, second.report.verify.message
+    assert second.report.params_after < first.report.params_after
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURES))
+def test_closed_form_shapes_equal_torch_meta_kernels(name):
+    """Shape pass with and without passes.shapes' formulas: same tensor_meta on every node
+    (shape, dtype, strides) and the same MACs, before and after pruning."""
+    from passes.trace import propagate_shapes, trace
+
+    model, x = _build(name)
+    x = x if isinstance(x, tuple) else (x,)
+    for m in (model, passes.prune(model, x, ratio=0.5, verify=False).model):
+        gm = trace(copy.deepcopy(m), x).gm
+        runs = []
+        for fast in (False, True):
+            macs = propagate_shapes(gm, x, fast=fast)
+            runs.append((macs, {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}))
+        assert runs[0] == runs[1]
+
+
 @pytest.mark.parametrize("name", ["concat", "shuffle", "hand_attention", "mha_seq_first", "convs"])
 def test_verify_detects_a_corrupted_model(name):
     model, x = _build(name)

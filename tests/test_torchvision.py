@@ -76,3 +76,44 @@ def test_layer_widths_agree_with_torch_pruning(name):
     assert set(ours) == set(theirs)
     assert {n: s for n, s in ours.items() if theirs[n] != s} == {}
     assert ours["layer1.0.conv1"][0] == theirs["layer1.0.conv1"][0] == 32
+
+
+def _metas(gm, x, fast):
+    from passes.trace import propagate_shapes
+
+    macs = propagate_shapes(gm, (x,), fast=fast)
+    return macs, {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "convnext_tiny", "vit_b_16", "swin_t"])
+def test_closed_form_shapes_equal_torch_meta_kernels(name):
+    """passes.shapes' formulas (convs, linears, norms, activations, arithmetic, attention) give
+    every node the tensor_meta (shape, dtype, strides) and MACs torch's own kernels give, on the
+    original and on the pruned model (SlimMultiheadAttention, window_attention)."""
+    from passes.count import count_macs
+    from passes.trace import trace
+
+    kw, size = MODELS[name]
+    model = build(name, **kw)
+    x = torch.randn(1, 3, size, size)
+    pruned = passes.prune(model, x, ratio=0.5, verify=False).model
+    for m in (model, pruned):
+        gm = trace(copy.deepcopy(m), x).gm
+        slow, fast = _metas(gm, x, False), _metas(gm, x, True)
+        assert fast[1] == slow[1]
+        assert fast[0] == slow[0] == count_macs(m, x) > 0
+
+
+@pytest.mark.parametrize("name", ["vit_b_16", "swin_t"])
+def test_pruned_model_prunes_again(name):
+    """Iterative pruning: the pruned model (SlimMultiheadAttention, window_attention) traces,
+    keeps its attention head widths prunable, and passes masked equivalence again."""
+    kw, size = MODELS[name]
+    model = build(name, **kw)
+    x = torch.randn(1, 3, size, size)
+    first = passes.prune(model, x, ratio=0.3)
+    second = passes.prune(first.model, x, ratio=0.3)
+    rep = second.report
+    assert rep.verify.ok and rep.verify.exact, rep.verify.message
+    assert rep.macs_after < 0.6 * rep.macs_before  # head widths shrink again, not only the MLPs
+    assert not [p for p in rep.pinned if "passes." in p.reason]  # our own replacements have rules

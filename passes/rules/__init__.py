@@ -32,6 +32,8 @@ from . import shape as S
 from . import layers as Ly
 from . import reduce as R
 from . import attention as A
+from ..modules import SlimMultiheadAttention
+from ..ops import window_attention
 
 try:  # torchvision's fx-wrapped helpers (present when torchvision is)
     from torchvision.ops.stochastic_depth import stochastic_depth as _tv_stochastic_depth
@@ -90,7 +92,7 @@ FUNCTIONS: dict = {
     torch.einsum: R.EINSUM,
     torch.mean: R.MEAN, torch.sum: R.SUM, torch.amax: R.MAX, torch.amin: R.MAX,
     F.softmax: R.SOFTMAX, F.log_softmax: R.SOFTMAX, torch.softmax: R.SOFTMAX,
-    F.scaled_dot_product_attention: A.SDPA,
+    F.scaled_dot_product_attention: A.SDPA, window_attention: A.WINDOW_ATTENTION,
     **_TORCHVISION,
 }
 
@@ -122,7 +124,7 @@ MODULES: dict = {
     nn.InstanceNorm1d: Ly.INSTANCE_NORM, nn.InstanceNorm2d: Ly.INSTANCE_NORM,
     nn.InstanceNorm3d: Ly.INSTANCE_NORM,
     nn.LayerNorm: Ly.LAYER_NORM, nn.GroupNorm: Ly.GROUP_NORM, nn.PReLU: Ly.PRELU,
-    nn.MultiheadAttention: A.MHA,
+    nn.MultiheadAttention: A.MHA, SlimMultiheadAttention: A.MHA,
     nn.ReLU: E.UNARY, nn.ReLU6: E.UNARY, nn.GELU: E.UNARY, nn.SiLU: E.UNARY, nn.Mish: E.UNARY,
     nn.Hardswish: E.UNARY, nn.Hardsigmoid: E.UNARY, nn.Hardtanh: E.UNARY, nn.Sigmoid: E.UNARY,
     nn.Tanh: E.UNARY, nn.LeakyReLU: E.UNARY, nn.ELU: E.UNARY, nn.SELU: E.UNARY, nn.CELU: E.UNARY,

@@ -11,6 +11,9 @@ together), position d of every v head (with the matching out_proj columns). The 
 in `passes.modules.SlimMultiheadAttention`, whose widths can differ, with the original scale.
 Variants it does not model (separate kdim/vdim projections, bias_k/bias_v) are pinned.
 
+A pruned model can be pruned again: SlimMultiheadAttention and `passes.ops.window_attention`
+have the same rules, with their q/k and v head widths read from the module or the keywords.
+
 torchvision's Swin `shifted_window_attention(x, qkv_weight, proj_weight, ...)` gets the same
 head-width units; the model width it reads (qkv columns) and the width it writes (proj rows)
 are free. Its rewrite calls `passes.ops.window_attention`, which takes the pruned head widths
@@ -50,34 +53,46 @@ def _sdpa_rewrite(rctx, node):
         set_arg(node, 7, "scale", 1.0 / math.sqrt(len(q[-1])))
 
 
-def _couple_heads(ctx, name, rows, out_cols):
-    """rows: q/k/v projection rows as [3, heads, head_dim] atoms. Position d of every q and k
-    head is one unit (they are contracted together), position d of every v head another, and
-    the output projection's columns follow v. These widths live inside the op: marked active."""
-    ctx.mark_active(rows.reshape(-1))
-    ctx.mark_producer(f"{name}[q,k]", rows[:2].reshape(-1).copy())
-    ctx.mark_producer(f"{name}[v]", rows[2].reshape(-1).copy())
-    for h in range(rows.shape[1]):
-        ctx.unify(rows[0, 0].copy(), rows[0, h].copy())
-        ctx.unify(rows[0, h].copy(), rows[1, h].copy())
-        ctx.unify(rows[2, 0].copy(), rows[2, h].copy())
-    ctx.unify(out_cols, rows[2].reshape(-1).copy())
+def _couple_heads(ctx, name, qk_rows, v_rows, out_cols):
+    """qk_rows: q and k projection rows as [2, heads, qk_head_dim] atoms; v_rows: [heads,
+    v_head_dim]. Position d of every q and k head is one unit (they are contracted together),
+    position d of every v head another, and the output projection's columns follow v. These
+    widths live inside the op: marked active."""
+    heads = qk_rows.shape[1]
+    ctx.mark_active(qk_rows.reshape(-1), v_rows.reshape(-1))
+    ctx.mark_producer(f"{name}[q,k]", qk_rows.reshape(-1).copy())
+    ctx.mark_producer(f"{name}[v]", v_rows.reshape(-1).copy())
+    ctx.unify(np.tile(qk_rows[0, 0], heads), qk_rows[0].reshape(-1).copy())
+    ctx.unify(qk_rows[0].reshape(-1).copy(), qk_rows[1].reshape(-1).copy())
+    ctx.unify(np.tile(v_rows[0], heads), v_rows.reshape(-1).copy())
+    ctx.unify(out_cols, v_rows.reshape(-1).copy())
+
+
+def _split_rows(rows, heads: int, qk_head_dim: int, v_head_dim: int):
+    """Fused projection rows [q | k | v] -> ([2, heads, qk_head_dim], [heads, v_head_dim])."""
+    qk = heads * qk_head_dim
+    return rows[:2 * qk].reshape(2, heads, qk_head_dim), rows[2 * qk:].reshape(heads, v_head_dim)
 
 
 def _mha(ctx, node):
     m = ctx.module(node)
-    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+    if isinstance(m, SlimMultiheadAttention):  # an already pruned model, pruned again
+        dims = (m.num_heads, m.qk_head_dim, m.v_head_dim)
+    elif not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
         return UNKNOWN.labels(ctx, node)
+    else:
+        dims = (m.num_heads, m.head_dim, m.head_dim)
+    node.meta["passes_heads"] = dims  # (heads, qk_head_dim, v_head_dim) before the rewrite
     q, k, v = (ctx.labels(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
     w = ctx.param(m, "in_proj_weight")
-    rows = w[0].reshape(3, m.num_heads, m.head_dim)
+    qk_rows, v_rows = _split_rows(w[0], *dims)
     b = ctx.param(m, "in_proj_bias")
     wo = ctx.tensor_labels(m.out_proj.weight)
     bo = None if m.out_proj.bias is None else ctx.tensor_labels(m.out_proj.bias)
     reason = ctx.why("attention input meets a non-channel dim")
     for x in (q, k, v):
         ctx.unify(x[-1], w[1], reason)
-    _couple_heads(ctx, f"{node.target}.in_proj_weight", rows, wo[1])
+    _couple_heads(ctx, f"{node.target}.in_proj_weight", qk_rows, v_rows, wo[1])
     ctx.mark_passive(m, "in_proj_weight", 0)
     ctx.mark_passive(m, "in_proj_bias", 0)
     if b is not None:
@@ -94,12 +109,16 @@ def _mha(ctx, node):
 
 def _mha_rewrite(rctx, node):
     m = rctx.module(node)
-    if isinstance(m, SlimMultiheadAttention):  # a module called twice is replaced once
+    if "passes_heads" not in node.meta:  # a variant the analysis pinned: nothing changed
         return
-    rows = rctx.cg.param_labels[f"{node.target}.in_proj_weight"][0].reshape(3, m.num_heads, m.head_dim)
-    dqk, dv = rctx.count(rows[0, 0]), rctx.count(rows[2, 0])
+    heads, dqk, dv = node.meta["passes_heads"]
+    qk_rows, v_rows = _split_rows(rctx.cg.param_labels[f"{node.target}.in_proj_weight"][0], heads, dqk, dv)
+    new_qk, new_v = rctx.count(qk_rows[0, 0]), rctx.count(v_rows[0])
     m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
-    slim = SlimMultiheadAttention(m.in_proj_weight, m.in_proj_bias, m.out_proj, m.num_heads, dqk, dv,
+    if isinstance(m, SlimMultiheadAttention):  # pruned again, or a module called twice
+        m.qk_head_dim, m.v_head_dim, m.embed_dim = new_qk, new_v, m.in_proj_weight.shape[1]
+        return
+    slim = SlimMultiheadAttention(m.in_proj_weight, m.in_proj_bias, m.out_proj, m.num_heads, new_qk, new_v,
                                   scale=1.0 / math.sqrt(m.head_dim), dropout=m.dropout,
                                   batch_first=m.batch_first)
     slim.train(m.training)
@@ -111,15 +130,25 @@ _WINDOW_ARGS = dict(x=(0, "input"), w=(1, "qkv_weight"), p=(2, "proj_weight"), b
 
 
 def _window(ctx, node):
-    """torchvision's shifted_window_attention(x [B,H,W,C], qkv_weight, proj_weight, ...)."""
+    """torchvision's shifted_window_attention(x [B,H,W,C], qkv_weight, proj_weight, ...), or
+    passes.ops.window_attention (a pruned Swin, pruned again), whose head widths are keywords."""
     a = {k: arg(node, i, n) for k, (i, n) in _WINDOW_ARGS.items()}
     x, w, p = ctx.labels(a["x"]), ctx.labels(a["w"]), ctx.labels(a["p"])
     heads = a["heads"]
-    if not isinstance(heads, int) or len(w[0]) != 3 * len(x[-1]) or len(x[-1]) % heads:
+    if not isinstance(heads, int) or heads <= 0:
         return UNKNOWN.labels(ctx, node)
+    if node.target is window_attention:  # widths are free of each other
+        dqk, dv = node.kwargs.get("qk_head_dim"), node.kwargs.get("v_head_dim")
+    elif len(x[-1]) % heads == 0:
+        dqk = dv = len(x[-1]) // heads
+    else:
+        return UNKNOWN.labels(ctx, node)
+    if not isinstance(dqk, int) or not isinstance(dv, int) or len(w[0]) != heads * (2 * dqk + dv):
+        return UNKNOWN.labels(ctx, node)
+    node.meta["passes_heads"] = (heads, dqk, dv)
     ctx.unify(x[-1], w[1], ctx.why("attention input meets a non-channel dim"))
-    rows = w[0].reshape(3, heads, len(x[-1]) // heads)
-    _couple_heads(ctx, a["w"].target if hasattr(a["w"], "target") else "qkv_weight", rows, p[1])
+    qk_rows, v_rows = _split_rows(w[0], heads, dqk, dv)
+    _couple_heads(ctx, a["w"].target if hasattr(a["w"], "target") else "qkv_weight", qk_rows, v_rows, p[1])
     for bias, weight in (("qb", w), ("pb", p)):
         if ctx.labels(a[bias]) is not None:
             ctx.unify(ctx.labels(a[bias])[0], weight[0])
@@ -133,13 +162,14 @@ def _window(ctx, node):
 
 
 def _window_rewrite(rctx, node):
-    x = rctx.labels_of(arg(node, 0, "input"))
-    heads = arg(node, 5, "num_heads")
-    d = len(x[-1]) // heads
-    rows = rctx.labels_of(arg(node, 1, "qkv_weight"))[0].reshape(3, heads, d)
+    if "passes_heads" not in node.meta:  # a form the analysis pinned: nothing changed
+        return
+    heads, dqk, dv = node.meta["passes_heads"]
+    qk_rows, v_rows = _split_rows(rctx.labels_of(arg(node, 1, "qkv_weight"))[0], heads, dqk, dv)
+    scale = node.kwargs.get("scale", dqk ** -0.5)  # the original's, also when pruned again
     node.target = window_attention
-    node.kwargs = {**node.kwargs, "qk_head_dim": rctx.count(rows[0, 0]),
-                   "v_head_dim": rctx.count(rows[2, 0]), "scale": d ** -0.5}
+    node.kwargs = {**node.kwargs, "qk_head_dim": rctx.count(qk_rows[0, 0]),
+                   "v_head_dim": rctx.count(v_rows[0]), "scale": scale}
 
 
 SDPA = Rule(_sdpa, _sdpa_rewrite)

@@ -64,7 +64,7 @@ def _arith(ctx, node):
             ctx.pin(s.atoms, ctx.why("a channel count is used as a number"))
         return _elementwise(ctx, node)
     if sizes:
-        return SizeVal(np.unique(np.concatenate([s.atoms for s in sizes])))
+        return SizeVal(L.unique(np.concatenate([s.atoms for s in sizes])))
     return None
 
 

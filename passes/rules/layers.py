@@ -13,7 +13,7 @@ num_features, normalized_shape, ...), so the module is consistent with its weigh
 
 from __future__ import annotations
 
-import numpy as np
+import torch
 
 from .. import labels as L
 from ..channels import attr_at
@@ -142,9 +142,9 @@ def _embedding_rewrite(rctx, node):
 
 def _channel_params(ctx, m, x_ch, names):
     for name in names:
-        p = ctx.param(m, name)
-        if p is not None and len(p) == 1 and len(p[0]) == len(x_ch):
-            ctx.unify(x_ch, p[0], ctx.why("norm parameter"))
+        t = getattr(m, name, None)
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and len(t) == len(x_ch):
+            ctx.tie(t, (x_ch,), ctx.why("norm parameter"))
             ctx.mark_passive(m, name)
 
 
