@@ -292,3 +292,26 @@ def test_bad_arguments():
         passes.prune(model, x, importance="taylorish")
     with pytest.raises(InputError, match="example inputs"):
         passes.prune(model, torch.randn(2, 5, 16, 16))
+
+
+def test_tensor_metadata_equals_torch_extractor():
+    """passes.trace.tensor_metadata (C++ contiguity checks) == torch.fx's _extract_tensor_metadata
+    on dense tensors of every layout: permuted, sliced, expanded, size-1 dims, on CPU and meta."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+    from passes.trace import tensor_metadata
+
+    g = torch.Generator().manual_seed(0)
+    seen_formats = set()
+    for _ in range(300):
+        nd = int(torch.randint(1, 6, (1,), generator=g))
+        shape = [int(s) for s in torch.randint(1, 4, (nd,), generator=g)]
+        t = torch.randn(shape, generator=g)
+        t = t.permute(*torch.randperm(nd, generator=g).tolist())
+        if nd > 1 and t.shape[0] > 1 and torch.rand(1, generator=g) < 0.3:
+            t = t[::2]
+        if torch.rand(1, generator=g) < 0.2:
+            t = t.unsqueeze(0).expand(2, *t.shape)
+        for x in (t, t.to("meta")):
+            assert tensor_metadata(x) == _extract_tensor_metadata(x), (tuple(x.shape), x.stride())
+            seen_formats.add(tensor_metadata(x).memory_format)
+    assert {None, torch.contiguous_format, torch.channels_last} <= seen_formats
