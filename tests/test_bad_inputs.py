@@ -10,7 +10,6 @@ with no rule), the test pins down what happens instead.
 from __future__ import annotations
 
 import copy
-import math
 import re
 
 import pytest

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import passes
 from passes import InputError, PlanError, TraceError
 
-from models import STRUCTURES, MnistNet, Norms, UnknownOp, cbr, image
+from models import STRUCTURES, MnistNet, Norms, UnknownOp, image
 
 
 def _build(name, seed=0):
