@@ -6,7 +6,8 @@ ratio 0.5, local L2 ranking, with the final classifier ignored; runs are interle
 
 passes: `prune(..., verify=False, inplace=True)` = trace + shapes + MACs, channel analysis,
 importance, plan, rewrite + shape check of every node, report (params/MACs before and after).
-Also shown: `analyze` alone (trace + shapes + channel analysis).
+Also shown: `analyze` alone (trace + shapes + channel analysis), and where passes' prune time
+goes (median per stage, timed by wrapping passes' own stage functions in the same runs).
 Torch-Pruning: `MagnitudePruner(...)` (dependency graph) + `step()` (importance + pruning).
 
     python benchmarks/speed.py [--models resnet50 densenet201 vit_b_16] [--repeats 5] [--size 224]
@@ -56,14 +57,43 @@ def time_tp(model, x):
     return time.perf_counter() - t, built
 
 
+# (stage, module, function): wrapped with a timer; "other" is the rest of prune's time
+STAGES = [("input checks", "passes.api", "check_model"), ("trace + shapes + MACs", "passes.api", "trace"),
+          ("channel analysis", "passes.api", "analyze_graph"), ("importance", "passes.importance", "scores"),
+          ("selection", "passes.api", "select"), ("selection", "passes.api", "keep_every_dim"),
+          ("weight slicing", "passes.rewrite", "slice_tensors"), ("shape check + MACs after", "passes.rewrite", "check_shapes")]
+_spent: dict[str, float] = {}
+
+
+def _instrument():
+    import functools
+    import importlib
+
+    for stage, mod, fn in STAGES:
+        module = importlib.import_module(mod)
+        f = getattr(module, fn)
+
+        @functools.wraps(f)
+        def timed(*a, _f=f, _stage=stage, **k):
+            t = time.perf_counter()
+            try:
+                return _f(*a, **k)
+            finally:
+                _spent[_stage] = _spent.get(_stage, 0.0) + time.perf_counter() - t
+        setattr(module, fn, timed)
+
+
 def time_passes(model, x):
     m, fresh = copy.deepcopy(model), copy.deepcopy(model)
+    _spent.clear()
     t = time.perf_counter()
     passes.prune(m, x, ratio=0.5, importance="l2", verify=False, inplace=True, ignored_layers=[classifier(m)])
     total = time.perf_counter() - t
+    stages = dict(_spent)
+    stages["other (report, plan record, rule fixes, recompile)"] = total - sum(stages.values())
     t = time.perf_counter()
     analyze_graph(trace(fresh, x))
-    return total, time.perf_counter() - t
+    return total, time.perf_counter() - t, stages
 
 
 
@@ -75,20 +105,22 @@ def main(argv=None):
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
+    _instrument()
     rows = []
     for name in args.models:
         model = torchvision.models.get_model(name, weights=None).eval()
         x = torch.randn(1, 3, args.size, args.size)
         time_passes(model, x), time_tp(model, x)  # warm-up both (imports, allocator)
-        p_tot, p_an, t_tot, t_build = [], [], [], []
+        p_tot, p_an, t_tot, t_build, p_stages = [], [], [], [], []
         for _ in range(args.repeats):
-            a, b = time_passes(model, x)
-            p_tot.append(a), p_an.append(b)
+            a, b, st = time_passes(model, x)
+            p_tot.append(a), p_an.append(b), p_stages.append(st)
             a, b = time_tp(model, x)
             t_tot.append(a), t_build.append(b)
         row = dict(model=name, passes_prune_s=statistics.median(p_tot), passes_analyze_s=statistics.median(p_an),
                    tp_total_s=statistics.median(t_tot), tp_graph_s=statistics.median(t_build))
         row["speedup"] = row["tp_total_s"] / row["passes_prune_s"]
+        row["passes_stages_s"] = {k: statistics.median(st[k] for st in p_stages) for k in p_stages[0]}
         rows.append(row)
         print(f"{name}: passes {row['passes_prune_s']:.3f}s (analyze {row['passes_analyze_s']:.3f}s) | "
               f"Torch-Pruning {row['tp_total_s']:.3f}s (graph {row['tp_graph_s']:.3f}s) | "
@@ -102,7 +134,7 @@ def write(rows, args, argv):
     machine = dict(cpu=cpu_model(), cores=torch.get_num_threads(), load_average_1_5_15=os.getloadavg(),
                    python=platform.python_version(),
                    torch=torch.__version__, torchvision=torchvision.__version__, torch_pruning=tp.__version__)
-    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "speed.json").write_text(json.dumps(dict(command=command, machine=machine, size=args.size,
                                                         repeats=args.repeats, rows=rows), indent=1))
@@ -117,6 +149,11 @@ def write(rows, args, argv):
     for r in rows:
         lines.append(f"| {r['model']} | {r['passes_prune_s']:.3f} | {r['passes_analyze_s']:.3f} | {r['tp_total_s']:.3f} "
                      f"| {r['tp_graph_s']:.3f} | {r['speedup']:.2f}x |")
+    stages = list(rows[0]["passes_stages_s"]) if rows else []
+    lines += ["", "Where passes' prune time goes (median ms per stage; stages that run twice are summed):", "",
+              "| model | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+    for r in rows:
+        lines.append(f"| {r['model']} | " + " | ".join(f"{r['passes_stages_s'][k] * 1000:.0f}" for k in stages) + " |")
     (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
