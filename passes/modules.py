@@ -15,13 +15,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _param(t: torch.Tensor) -> nn.Parameter:
+    """A Parameter is taken as it is (the rewrite hands over the freshly sliced one, so ties to
+    other modules survive and nothing is copied); a plain tensor is copied into a new one."""
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t.detach().clone())
+
+
 class SlimMultiheadAttention(nn.Module):
     def __init__(self, in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor | None,
                  out_proj: nn.Linear, num_heads: int, qk_head_dim: int, v_head_dim: int,
                  scale: float, dropout: float = 0.0, batch_first: bool = False):
         super().__init__()
-        self.in_proj_weight = nn.Parameter(in_proj_weight.detach().clone())
-        self.in_proj_bias = None if in_proj_bias is None else nn.Parameter(in_proj_bias.detach().clone())
+        self.in_proj_weight = _param(in_proj_weight)
+        self.in_proj_bias = None if in_proj_bias is None else _param(in_proj_bias)
         self.out_proj = out_proj
         self.num_heads, self.qk_head_dim, self.v_head_dim = num_heads, qk_head_dim, v_head_dim
         self.embed_dim = in_proj_weight.shape[1]

@@ -119,7 +119,8 @@ def _conv(m, x: torch.Tensor, nd: int):
 def _attention(m, args: tuple, kwargs: dict):
     """nn.MultiheadAttention (packed projection, no bias_k/zero_attn) and SlimMultiheadAttention,
     batched, without masks: output strides as the module's own forward leaves them."""
-    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights")
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
     call = dict(zip(names, args))
     if len(args) > len(names) or set(call) & set(kwargs):
         return None
@@ -127,7 +128,8 @@ def _attention(m, args: tuple, kwargs: dict):
     q, k, v = call.get("query"), call.get("key"), call.get("value")
     need, avg = call.get("need_weights", True), call.get("average_attn_weights", True)
     if (set(call) - set(names) or call.get("key_padding_mask") is not None or call.get("attn_mask") is not None
-            or type(need) is not bool or type(avg) is not bool or m.training
+            or type(need) is not bool or type(avg) is not bool or call.get("is_causal", False) is not False
+            or m.training
             or not all(_float_meta(t) and t.dim() == 3 and _dense(t) for t in (q, k, v)) or k.shape != v.shape):
         return None
     first = m.batch_first

@@ -93,25 +93,70 @@ def eval_mode(model: torch.nn.Module):
             m.training = f
 
 
-class _Tracer(fx.Tracer):
-    """torch.fx's default tracer, plus passes' own replacements as opaque nodes: the
-    SlimMultiheadAttention module is a leaf and `passes.ops.window_attention` is wrapped, so a
-    pruned model traces like its original did and can be pruned again."""
+_TRANSFORMERS = (torch.nn.TransformerEncoder, torch.nn.TransformerEncoderLayer,
+                 torch.nn.TransformerDecoder, torch.nn.TransformerDecoderLayer)
 
-    def __init__(self):
+
+class _Tracer(fx.Tracer):
+    """torch.fx's default tracer, with two changes.
+
+    - passes' own replacements are opaque nodes: the SlimMultiheadAttention module is a leaf and
+      `passes.ops.window_attention` is wrapped, so a pruned model traces like its original did
+      and can be pruned again;
+    - with `open_transformers`, nn.TransformerEncoder/Decoder and their layers are traced
+      through (torch.nn modules are leaves by default, which left every channel of a model
+      built from them pinned): their MultiheadAttention, Linear and LayerNorm submodules stay
+      leaves with rules of their own. See `symbolic_trace` for what tracing them takes.
+    """
+
+    def __init__(self, open_transformers: bool):
         from .ops import window_attention
 
         super().__init__(autowrap_functions=(window_attention,))
+        self.open_transformers = open_transformers
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         from .modules import SlimMultiheadAttention
 
+        if self.open_transformers and type(m) in _TRANSFORMERS:
+            return False
         return isinstance(m, SlimMultiheadAttention) or super().is_leaf_module(m, qualname)
 
 
+@contextlib.contextmanager
+def _traceable_transformers():
+    """nn.Transformer* forwards choose a fused fast path from tensor properties, and call
+    `_get_seq_len(src)`, which tests `src.is_nested` and `len(src.size())`: neither traces. With
+    the MHA fast path off the choice is made without looking at tensors (the traced graph then
+    holds the plain path, which computes the same function), and `_get_seq_len` only feeds causal
+    mask detection, which does not read it when no mask is given (a mask given as a traced value
+    fails to trace anyway, and the modules are then kept as leaves)."""
+    import torch.nn.modules.transformer as tx
+
+    from .count import unfused_attention
+
+    original = tx._get_seq_len
+    tx._get_seq_len = lambda src, batch_first: None
+    try:
+        with unfused_attention():
+            yield
+    finally:
+        tx._get_seq_len = original
+
+
 def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
-    """`torch.fx.symbolic_trace` with passes' tracer."""
-    tracer = _Tracer()
+    """`torch.fx.symbolic_trace` with passes' tracer. nn.Transformer* modules are traced through;
+    if that fails (masks passed as traced values), they are traced again as leaves."""
+    has_transformers = any(type(m) in _TRANSFORMERS for m in model.modules())
+    if has_transformers:
+        try:
+            with _traceable_transformers():
+                tracer = _Tracer(open_transformers=True)
+                graph = tracer.trace(model)
+            return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        except Exception:
+            pass  # the leaf trace below gives the error worth reporting, if any
+    tracer = _Tracer(open_transformers=False)
     graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 

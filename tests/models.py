@@ -274,6 +274,32 @@ class MHA(nn.Module):
         return self.head(x[:, 0])
 
 
+class Transformer(nn.Module):
+    """nn.TransformerEncoder (+ optional nn.TransformerDecoder over the encoder's output)."""
+
+    def __init__(self, batch_first=True, norm_first=False, decoder=False):
+        super().__init__()
+        self.embed = nn.Linear(6, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=batch_first, norm_first=norm_first)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.dec = (nn.TransformerDecoder(nn.TransformerDecoderLayer(32, 4, 48, batch_first=batch_first,
+                                                                     norm_first=norm_first, activation="gelu"), 1)
+                    if decoder else None)
+        self.head = nn.Linear(32, 5)
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        h = self.embed(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        y = self.enc(h)
+        if self.dec is not None:
+            y = self.dec(h, y)
+        if not self.batch_first:
+            y = y.transpose(0, 1)
+        return self.head(y.mean(1))
+
+
 class Convs(nn.Module):
     """Conv1d, Conv3d, ConvTranspose2d and PReLU."""
 
@@ -354,6 +380,9 @@ STRUCTURES = {
     "sdpa_attention": (SdpaAttention, lambda: torch.randn(2, 10, 6)),
     "mha_batch_first": (MHA, lambda: torch.randn(2, 10, 6)),
     "mha_seq_first": (lambda: MHA(batch_first=False), lambda: torch.randn(2, 10, 6)),
+    "transformer_encoder": (Transformer, lambda: torch.randn(2, 10, 6)),
+    "transformer_seq_first_decoder": (lambda: Transformer(batch_first=False, norm_first=True, decoder=True),
+                                      lambda: torch.randn(2, 10, 6)),
     "convs": (Convs, lambda: (torch.randn(2, 4, 20), torch.randn(2, 2, 6, 8, 8))),
     "embedding": (Embed, lambda: torch.randint(0, 50, (2, 7))),
     "dict_outputs": (DictOut, image),

@@ -315,3 +315,39 @@ def test_tensor_metadata_equals_torch_extractor():
             assert tensor_metadata(x) == _extract_tensor_metadata(x), (tuple(x.shape), x.stride())
             seen_formats.add(tensor_metadata(x).memory_format)
     assert {None, torch.contiguous_format, torch.channels_last} <= seen_formats
+
+
+def test_transformer_with_traced_mask_falls_back_to_opaque_layers():
+    """A padding mask passed in as an input cannot be traced through nn.TransformerEncoder's
+    mask canonicalisation: the encoder is then one opaque node, its channels pinned, and the
+    model still prunes (the embedding's input side) and verifies."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = nn.Linear(6, 12)
+            self.embed = nn.Linear(12, 32)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 1,
+                                             enable_nested_tensor=False)
+
+        def forward(self, x, pad):
+            return self.enc(self.embed(torch.relu(self.pre(x))), src_key_padding_mask=pad)
+
+    torch.manual_seed(0)
+    model, x = Masked().eval(), torch.randn(2, 10, 6)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 7:] = True
+    r = passes.prune(model, (x, pad), ratio=0.5)
+    assert r.report.verify.ok and r.report.verify.exact
+    assert r.model.pre.out_features == 6 and r.model.embed.out_features == 32
+    assert any("enc" in p.node for p in r.report.pinned)
+
+
+def test_transformer_layers_are_traced_through():
+    from passes.trace import symbolic_trace
+
+    model, _ = _build("transformer_encoder")
+    gm = symbolic_trace(model)
+    leaves = {type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"}
+    assert "MultiheadAttention" in leaves and "LayerNorm" in leaves
+    assert not leaves & {"TransformerEncoder", "TransformerEncoderLayer"}
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after tracing
