@@ -405,6 +405,28 @@ class Mha(nn.Module):
         return x + y
 
 
+class TxLayer(nn.Module):
+    """nn.TransformerEncoderLayer alone, inside nn.TransformerEncoder, or a
+    nn.TransformerDecoderLayer attending to its own input as memory."""
+
+    def __init__(self, c, p):
+        super().__init__()
+        self.batch_first, self.wrap = p["batch_first"], p["wrap"]
+        kw = dict(dim_feedforward=p["ff"], activation=p["act"], batch_first=self.batch_first, norm_first=p["norm_first"])
+        if self.wrap == "decoder":
+            self.m = nn.TransformerDecoderLayer(c, p["heads"], **kw)
+        elif self.wrap == "encoder":
+            self.m = nn.TransformerEncoder(nn.TransformerEncoderLayer(c, p["heads"], **kw), p["n"],
+                                           enable_nested_tensor=False)
+        else:
+            self.m = nn.TransformerEncoderLayer(c, p["heads"], **kw)
+
+    def forward(self, x):
+        y = x if self.batch_first else x.transpose(0, 1)
+        y = self.m(y, y) if self.wrap == "decoder" else self.m(y)
+        return y if self.batch_first else y.transpose(0, 1)
+
+
 class HandAttention(nn.Module):
     """qkv linear, reshape(B, N, 3, heads, hd) with literal heads/hd, softmax(q k^T) v."""
 
@@ -615,7 +637,7 @@ BLOCKS = {
     "chunk": Chunk, "shuffle": Shuffle, "se": SqueezeExcite, "norm": Norm, "cl": ChannelsLast,
     "shared": Shared, "loose": Loose, "unruled": Unruled, "merge": Merge, "pool": Pool,
     "tap": Tap, "head": ConvHead, "tovec": ToVector, "totok": ToTokens, "vec": VecBlock,
-    "mlp": Mlp, "mha": Mha, "hattn": HandAttention, "sdpa": Sdpa, "tlin": TokLinear,
+    "mlp": Mlp, "mha": Mha, "txl": TxLayer, "hattn": HandAttention, "sdpa": Sdpa, "tlin": TokLinear,
     "cls": ClsToken, "pos": PosEmbed, "thead": TokHead, "cred": ChannelReduce, "up": Up,
     "cslice": ChannelSlice, "ein": EinsumAttention, "flayer": FunctionalLayer, "save": Save, "skip": Skip,
 }

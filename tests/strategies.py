@@ -99,7 +99,7 @@ CONV_KINDS = ["conv", "res", "cat", "split", "chunk", "shuffle", "se", "norm", "
               "loose", "dw", "gconv", "spcat", "merge", "pool", "tap", "unruled", "cred", "up", "cslice",
               "save", "skip", "skip"]
 VEC_KINDS = ["vec", "vec", "tap"]
-TOK_KINDS = ["mlp", "mha", "hattn", "sdpa", "tlin", "cls", "pos", "tap", "ein", "flayer"]
+TOK_KINDS = ["mlp", "mha", "txl", "hattn", "sdpa", "tlin", "cls", "pos", "tap", "ein", "flayer"]
 
 
 def divisors(n: int) -> list[int]:
@@ -220,6 +220,10 @@ def _tok_block(ch, kind, s):
         return "mlp", dict(hidden=ch.integer(1, WMAX), scale=ch.boolean())
     if kind == "mha":
         return "mha", dict(heads=ch.pick(divisors(C)), batch_first=ch.boolean())
+    if kind == "txl":
+        return "txl", dict(heads=ch.pick(divisors(C)), ff=ch.integer(1, WMAX), act=ch.pick(["relu", "gelu"]),
+                           batch_first=ch.boolean(), norm_first=ch.boolean(),
+                           wrap=ch.pick(["layer", "encoder", "decoder"]), n=ch.integer(1, 2))
     if kind == "hattn":
         return "hattn", dict(heads=ch.integer(1, 4), hd=ch.integer(1, 8))
     if kind == "sdpa":
