@@ -1,7 +1,7 @@
 """Functions the rewrite puts in place of fx-wrapped functions whose signature ties widths together.
 
-`window_attention` replaces torchvision's `shifted_window_attention` (Swin v1 and v2). The
-original derives the q/k/v head width, the output width and the softmax scale from the input's
+`window_attention` replaces torchvision's `shifted_window_attention` (Swin v1 and v2), and
+`window_attention_3d` its video Swin's `shifted_window_attention_3d`. The originals derive the q/k/v head width, the output width and the softmax scale from the input's
 channel count C, so none of them can shrink on their own. This version reads every width from
 the weights it is given and takes the q/k head width, v head width and scale explicitly; with
 the original values it computes the same function. It is fx-wrapped (one opaque node when a
@@ -78,3 +78,48 @@ def window_attention(x: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: tor
 
 
 torch.fx.wrap("window_attention")
+
+
+def window_attention_3d(x: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor,
+                        relative_position_bias: torch.Tensor, window_size: list, num_heads: int,
+                        shift_size: list, attention_dropout: float = 0.0, dropout: float = 0.0,
+                        qkv_bias=None, proj_bias=None, training: bool = True, *,
+                        qk_head_dim: int, v_head_dim: int, scale: float) -> torch.Tensor:
+    """(Shifted) 3-D window multi-head self-attention over x [B, T, H, W, C_in] -> [B, T, H, W, C_out]."""
+    from torchvision.models.video.swin_transformer import _compute_attention_mask_3d
+
+    b, t, h, w, _ = x.shape
+    win = [int(s) for s in window_size]
+    pad = [(win[i] - size % win[i]) % win[i] for i, size in enumerate((t, h, w))]
+    x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
+    _, pt, ph, pw, c_in = x.shape
+    shift = [int(s) for s in shift_size]
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1], -shift[2]), dims=(1, 2, 3))
+    nt, nh, nw = pt // win[0], ph // win[1], pw // win[2]
+    tokens, windows = win[0] * win[1] * win[2], nt * nh * nw
+    x = x.view(b, nt, win[0], nh, win[1], nw, win[2], c_in).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    x = x.reshape(b * windows, tokens, c_in)
+
+    qk, vw = num_heads * qk_head_dim, num_heads * v_head_dim
+    q, k, v = F.linear(x, qkv_weight, qkv_bias).split([qk, qk, vw], dim=-1)
+    q = q.reshape(x.size(0), tokens, num_heads, qk_head_dim).transpose(1, 2)
+    k = k.reshape(x.size(0), tokens, num_heads, qk_head_dim).transpose(1, 2)
+    v = v.reshape(x.size(0), tokens, num_heads, v_head_dim).transpose(1, 2)
+    attn = (q * scale).matmul(k.transpose(-2, -1)) + relative_position_bias
+    if sum(shift) > 0:
+        mask = _compute_attention_mask_3d(x, (pt, ph, pw), tuple(win), tuple(shift))
+        attn = attn.view(-1, windows, num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, tokens, tokens)
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), tokens, vw)
+    x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
+    c_out = x.shape[-1]
+    x = x.view(b, nt, nh, nw, win[0], win[1], win[2], c_out).permute(0, 1, 4, 2, 5, 3, 6, 7)
+    x = x.reshape(b, pt, ph, pw, c_out)
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(shift[0], shift[1], shift[2]), dims=(1, 2, 3))
+    return x[:, :t, :h, :w, :].contiguous()
+
+
+torch.fx.wrap("window_attention_3d")

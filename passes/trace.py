@@ -110,9 +110,9 @@ class _Tracer(fx.Tracer):
     """
 
     def __init__(self, open_transformers: bool):
-        from .ops import window_attention
+        from .ops import window_attention, window_attention_3d
 
-        super().__init__(autowrap_functions=(window_attention,))
+        super().__init__(autowrap_functions=(window_attention, window_attention_3d))
         self.open_transformers = open_transformers
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:

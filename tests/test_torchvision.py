@@ -117,3 +117,18 @@ def test_pruned_model_prunes_again(name):
     assert rep.verify.ok and rep.verify.exact, rep.verify.message
     assert rep.macs_after < 0.6 * rep.macs_before  # head widths shrink again, not only the MLPs
     assert not [p for p in rep.pinned if "passes." in p.reason]  # our own replacements have rules
+
+
+def test_video_swin_attention_heads_are_pruned():
+    """swin3d_t: torchvision's shifted_window_attention_3d has a rule (head widths pruned, the
+    rewrite calls passes.ops.window_attention_3d); shifted windows and padding are exercised at
+    8x64x64 (16x16 tokens after the patch embedding, window 8x7x7)."""
+    torch.manual_seed(0)
+    model = build("swin3d_t")
+    x = torch.randn(1, 3, 8, 64, 64)
+    r = passes.prune(model, x, ratio=0.5)
+    rep = r.report
+    assert rep.verify.ok and rep.verify.exact, rep.verify.message
+    assert rep.macs_after < 0.35 * rep.macs_before  # 0.73 when the attention was opaque
+    attn = r.model.get_submodule("features.0.0.attn")
+    assert attn.qkv.weight.shape[0] < 3 * 96 and attn.proj.weight.shape[1] < 96

@@ -33,15 +33,17 @@ from . import layers as Ly
 from . import reduce as R
 from . import attention as A
 from ..modules import SlimMultiheadAttention
-from ..ops import window_attention
+from ..ops import window_attention, window_attention_3d
 
 try:  # torchvision's fx-wrapped helpers (present when torchvision is)
     from torchvision.ops.stochastic_depth import stochastic_depth as _tv_stochastic_depth
     from torchvision.models import swin_transformer as _tv_swin
+    from torchvision.models.video import swin_transformer as _tv_swin3d
     _TORCHVISION = {
         _tv_stochastic_depth: E.UNARY,
         _tv_swin._patch_merging_pad: S.TILE_LAST,
         _tv_swin.shifted_window_attention: A.WINDOW_ATTENTION,
+        _tv_swin3d.shifted_window_attention_3d: A.WINDOW_ATTENTION,
     }
 except ImportError:  # pragma: no cover - torchvision is a dependency
     _TORCHVISION = {}
@@ -93,6 +95,7 @@ FUNCTIONS: dict = {
     torch.mean: R.MEAN, torch.sum: R.SUM, torch.amax: R.MAX, torch.amin: R.MAX,
     F.softmax: R.SOFTMAX, F.log_softmax: R.SOFTMAX, torch.softmax: R.SOFTMAX,
     F.scaled_dot_product_attention: A.SDPA, window_attention: A.WINDOW_ATTENTION,
+    window_attention_3d: A.WINDOW_ATTENTION,
     **_TORCHVISION,
 }
 

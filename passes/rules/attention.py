@@ -14,8 +14,9 @@ Variants it does not model (separate kdim/vdim projections, bias_k/bias_v) are p
 A pruned model can be pruned again: SlimMultiheadAttention and `passes.ops.window_attention`
 have the same rules, with their q/k and v head widths read from the module or the keywords.
 
-torchvision's Swin `shifted_window_attention(x, qkv_weight, proj_weight, ...)` gets the same
-head-width units; the model width it reads (qkv columns) and the width it writes (proj rows)
+torchvision's Swin `shifted_window_attention(x, qkv_weight, proj_weight, ...)` (and the video
+Swin's `shifted_window_attention_3d`, whose rewrite calls `passes.ops.window_attention_3d`) gets
+the same head-width units; the model width it reads (qkv columns) and the width it writes (proj rows)
 are free. Its rewrite calls `passes.ops.window_attention`, which takes the pruned head widths
 and the original scale explicitly (the original derives both from the input width).
 """
@@ -27,7 +28,7 @@ import math
 import numpy as np
 
 from ..modules import SlimMultiheadAttention
-from ..ops import window_attention
+from ..ops import window_attention, window_attention_3d
 from .layers import _tensor_of
 from .base import UNKNOWN, Rule, arg, set_arg
 from .elementwise import broadcast
@@ -127,17 +128,23 @@ def _mha_rewrite(rctx, node):
 
 _WINDOW_ARGS = dict(x=(0, "input"), w=(1, "qkv_weight"), p=(2, "proj_weight"), bias=(3, "relative_position_bias"),
                     heads=(5, "num_heads"), qb=(9, "qkv_bias"), pb=(10, "proj_bias"), ls=(11, "logit_scale"))
+_WINDOW_3D_ARGS = {k: v for k, v in _WINDOW_ARGS.items() if k != "ls"}  # no logit_scale; 11 is `training`
+
+
+def _is_3d(node) -> bool:
+    return node.target is window_attention_3d or getattr(node.target, "__name__", "") == "shifted_window_attention_3d"
 
 
 def _window(ctx, node):
     """torchvision's shifted_window_attention(x [B,H,W,C], qkv_weight, proj_weight, ...), or
     passes.ops.window_attention (a pruned Swin, pruned again), whose head widths are keywords."""
-    a = {k: arg(node, i, n) for k, (i, n) in _WINDOW_ARGS.items()}
+    a = {k: arg(node, i, n) for k, (i, n) in (_WINDOW_3D_ARGS if _is_3d(node) else _WINDOW_ARGS).items()}
+    a.setdefault("ls", None)
     x, w, p = ctx.labels(a["x"]), ctx.labels(a["w"]), ctx.labels(a["p"])
     heads = a["heads"]
     if not isinstance(heads, int) or heads <= 0:
         return UNKNOWN.labels(ctx, node)
-    if node.target is window_attention:  # widths are free of each other
+    if node.target in (window_attention, window_attention_3d):  # widths are free of each other
         dqk, dv = node.kwargs.get("qk_head_dim"), node.kwargs.get("v_head_dim")
     elif len(x[-1]) % heads == 0:
         dqk = dv = len(x[-1]) // heads
@@ -167,7 +174,7 @@ def _window_rewrite(rctx, node):
     heads, dqk, dv = node.meta["passes_heads"]
     qk_rows, v_rows = _split_rows(rctx.labels_of(arg(node, 1, "qkv_weight"))[0], heads, dqk, dv)
     scale = node.kwargs.get("scale", dqk ** -0.5)  # the original's, also when pruned again
-    node.target = window_attention
+    node.target = window_attention_3d if _is_3d(node) else window_attention
     node.kwargs = {**node.kwargs, "qk_head_dim": rctx.count(qk_rows[0, 0]),
                    "v_head_dim": rctx.count(v_rows[0]), "scale": scale}
 
