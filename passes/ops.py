@@ -29,6 +29,34 @@ def _window_mask(pad_h: int, pad_w: int, window: list, shift: list, device) -> t
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 
 
+def _attend(x, qkv_weight, qkv_bias, proj_weight, proj_bias, position_bias, mask, heads: int, qk_head_dim: int,
+            v_head_dim: int, scale: float, attention_dropout: float, dropout: float, training: bool,
+            logit_scale=None) -> torch.Tensor:
+    """Multi-head self-attention within windows: x [windows*B, tokens, C_in] -> [.., C_out].
+    `mask` [windows, tokens, tokens] (shifted windows) or None; `logit_scale`: Swin v2's cosine
+    attention (whose key projection has no bias)."""
+    n, tokens = x.shape[:2]
+    qk, vw = heads * qk_head_dim, heads * v_head_dim
+    if logit_scale is not None and qkv_bias is not None:
+        qkv_bias = torch.cat([qkv_bias[:qk], torch.zeros_like(qkv_bias[qk:2 * qk]), qkv_bias[2 * qk:]])
+    q, k, v = F.linear(x, qkv_weight, qkv_bias).split([qk, qk, vw], dim=-1)
+    q = q.reshape(n, tokens, heads, qk_head_dim).transpose(1, 2)
+    k = k.reshape(n, tokens, heads, qk_head_dim).transpose(1, 2)
+    v = v.reshape(n, tokens, heads, v_head_dim).transpose(1, 2)
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=4.605170185988092).exp()  # log(100)
+    else:
+        attn = (q * scale).matmul(k.transpose(-2, -1))
+    attn = attn + position_bias
+    if mask is not None:
+        attn = attn.view(-1, mask.shape[0], heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, heads, tokens, tokens)
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+    x = attn.matmul(v).transpose(1, 2).reshape(n, tokens, vw)
+    return F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
+
+
 def window_attention(x: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor,
                      relative_position_bias: torch.Tensor, window_size: list, num_heads: int,
                      shift_size: list, attention_dropout: float = 0.0, dropout: float = 0.0,
@@ -44,31 +72,12 @@ def window_attention(x: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: tor
     if sum(shift) > 0:
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     nh, nw = ph // window_size[0], pw // window_size[1]
-    tokens = window_size[0] * window_size[1]
     x = x.view(b, nh, window_size[0], nw, window_size[1], c_in).permute(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b * nh * nw, tokens, c_in)
+    x = x.reshape(b * nh * nw, window_size[0] * window_size[1], c_in)
 
-    qk, vw = num_heads * qk_head_dim, num_heads * v_head_dim
-    if logit_scale is not None and qkv_bias is not None:  # Swin v2: no key bias
-        qkv_bias = torch.cat([qkv_bias[:qk], torch.zeros_like(qkv_bias[qk:2 * qk]), qkv_bias[2 * qk:]])
-    qkv = F.linear(x, qkv_weight, qkv_bias)
-    q, k, v = qkv.split([qk, qk, vw], dim=-1)
-    q = q.reshape(x.size(0), tokens, num_heads, qk_head_dim).transpose(1, 2)
-    k = k.reshape(x.size(0), tokens, num_heads, qk_head_dim).transpose(1, 2)
-    v = v.reshape(x.size(0), tokens, num_heads, v_head_dim).transpose(1, 2)
-    if logit_scale is not None:
-        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        attn = attn * torch.clamp(logit_scale, max=4.605170185988092).exp()  # log(100)
-    else:
-        attn = (q * scale).matmul(k.transpose(-2, -1))
-    attn = attn + relative_position_bias
-    if sum(shift) > 0:
-        mask = _window_mask(ph, pw, window_size, shift, x.device)
-        attn = attn.view(-1, nh * nw, num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
-        attn = attn.view(-1, num_heads, tokens, tokens)
-    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
-    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), tokens, vw)
-    x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
+    mask = _window_mask(ph, pw, window_size, shift, x.device) if sum(shift) > 0 else None
+    x = _attend(x, qkv_weight, qkv_bias, proj_weight, proj_bias, relative_position_bias, mask, num_heads,
+                qk_head_dim, v_head_dim, scale, attention_dropout, dropout, training, logit_scale)
     c_out = x.shape[-1]
     x = x.view(b, nh, nw, window_size[0], window_size[1], c_out).permute(0, 1, 3, 2, 4, 5)
     x = x.reshape(b, ph, pw, c_out)
@@ -97,23 +106,12 @@ def window_attention_3d(x: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: 
     if sum(shift) > 0:
         x = torch.roll(x, shifts=(-shift[0], -shift[1], -shift[2]), dims=(1, 2, 3))
     nt, nh, nw = pt // win[0], ph // win[1], pw // win[2]
-    tokens, windows = win[0] * win[1] * win[2], nt * nh * nw
     x = x.view(b, nt, win[0], nh, win[1], nw, win[2], c_in).permute(0, 1, 3, 5, 2, 4, 6, 7)
-    x = x.reshape(b * windows, tokens, c_in)
+    x = x.reshape(b * nt * nh * nw, win[0] * win[1] * win[2], c_in)
 
-    qk, vw = num_heads * qk_head_dim, num_heads * v_head_dim
-    q, k, v = F.linear(x, qkv_weight, qkv_bias).split([qk, qk, vw], dim=-1)
-    q = q.reshape(x.size(0), tokens, num_heads, qk_head_dim).transpose(1, 2)
-    k = k.reshape(x.size(0), tokens, num_heads, qk_head_dim).transpose(1, 2)
-    v = v.reshape(x.size(0), tokens, num_heads, v_head_dim).transpose(1, 2)
-    attn = (q * scale).matmul(k.transpose(-2, -1)) + relative_position_bias
-    if sum(shift) > 0:
-        mask = _compute_attention_mask_3d(x, (pt, ph, pw), tuple(win), tuple(shift))
-        attn = attn.view(-1, windows, num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
-        attn = attn.view(-1, num_heads, tokens, tokens)
-    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
-    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), tokens, vw)
-    x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
+    mask = _compute_attention_mask_3d(x, (pt, ph, pw), tuple(win), tuple(shift)) if sum(shift) > 0 else None
+    x = _attend(x, qkv_weight, qkv_bias, proj_weight, proj_bias, relative_position_bias, mask, num_heads,
+                qk_head_dim, v_head_dim, scale, attention_dropout, dropout, training)
     c_out = x.shape[-1]
     x = x.view(b, nt, nh, nw, win[0], win[1], win[2], c_out).permute(0, 1, 4, 2, 5, 3, 6, 7)
     x = x.reshape(b, pt, ph, pw, c_out)
