@@ -109,7 +109,7 @@ class _Tracer(fx.Tracer):
       leaves with rules of their own. See `symbolic_trace` for what tracing them takes.
     """
 
-    def __init__(self, open_transformers: bool):
+    def __init__(self, open_transformers: bool = False):  # torch.load re-creates it with no arguments
         from .ops import window_attention, window_attention_3d
 
         super().__init__(autowrap_functions=(window_attention, window_attention_3d))
