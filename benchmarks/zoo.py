@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from passes.models import torchvision_model
 from passes.report import cpu_model
 from passes.verify import flatten_outputs
 
@@ -108,12 +109,7 @@ def spec(name: str) -> tuple[dict, list[tuple[int, ...]]]:
 
 def build(name: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, **kw).eval()
-    with torch.no_grad():  # torchvision zero-initialises some heads: the output would be constant
-        for p in model.parameters():
-            if p.dim() > 1 and not p.any():
-                p.normal_(0, 0.02)
-    return model
+    return torchvision_model(name, **kw)  # weights=None, eval, all-zero weight matrices re-drawn
 
 
 def inputs_for(shapes) -> tuple[torch.Tensor, ...]:
@@ -301,15 +297,12 @@ def write_repro(name: str, reason: str) -> Path:
 Recorded failure: {reason}
 Run: /work/venv/bin/python {path}
 """
-import torch, torchvision
+import torch
 import passes
+from passes.models import torchvision_model
 
 torch.manual_seed(0)
-model = torchvision.models.get_model({name!r}, weights=None, **{kw!r}).eval()
-with torch.no_grad():  # as the zoo and tests/test_torchvision.py: no all-zero weight matrices
-    for p in model.parameters():
-        if p.dim() > 1 and not p.any():
-            p.normal_(0, 0.02)
+model = torchvision_model({name!r}, **{kw!r})  # as the zoo and the tests build it
 torch.manual_seed(1)
 x = tuple(torch.randn(*s) for s in {shapes!r})
 with torch.no_grad():

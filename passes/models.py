@@ -3,8 +3,9 @@
 `load_model(spec)` turns a MODEL argument into an nn.Module in eval mode:
 
 - `torchvision:NAME`: `torchvision.models.get_model(NAME, weights=None)` (googlenet and
-  inception_v3 also get `aux_logits=False, init_weights=False`); a bare NAME that is a
-  torchvision model and not a file is accepted too;
+  inception_v3 also get `aux_logits=False, init_weights=False`), all-zero weight matrices
+  re-drawn (`torchvision_model`); a bare NAME that is a torchvision model and not a file is
+  accepted too;
 - `path/to/file.py:factory`: the file is imported (its folder first on sys.path while it runs)
   and `factory()` is called; a class is a factory too;
 - `package.module:factory`: `importlib.import_module`, then `factory()`;
@@ -137,15 +138,27 @@ def _torchvision_names() -> list[str]:
 
 
 def _torchvision(name: str) -> nn.Module:
-    import torchvision
-
     names = _torchvision_names()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else "e.g. resnet18, mobilenet_v2, vit_b_16"
         raise ModelSpecError(f"unknown torchvision model {name!r}; pass a name from "
                              f"torchvision.models.list_models(), {hint}")
-    return torchvision.models.get_model(name, weights=None, **_TORCHVISION_EXTRA.get(name, {})).eval()
+    return torchvision_model(name, **_TORCHVISION_EXTRA.get(name, {}))
+
+
+def torchvision_model(name: str, **kwargs) -> nn.Module:
+    """`torchvision.models.get_model(name, weights=None, **kwargs)` in eval mode, with every
+    all-zero weight matrix re-drawn from N(0, 0.02): torchvision zero-initialises some heads
+    (ViT's, for one), which would make the output constant and any equivalence check vacuous."""
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0, 0.02)
+    return model
 
 
 def _import_file(path: Path, spec: str):

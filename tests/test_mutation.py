@@ -29,14 +29,7 @@ from passes.verify import flatten_outputs
 from models import STRUCTURES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models: torch's intra-op threads only add synchronisation on this shared 2-core
-    machine (measured 3-6x slower with 2 threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIMPLE = (int, float, bool, str, tuple, type(None), torch.Size)
 

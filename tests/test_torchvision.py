@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-import torchvision
 
 import passes
+from passes.models import torchvision_model
 
 # name -> (constructor kwargs, input size). Small inputs wherever the model allows them.
 MODELS = {
@@ -26,12 +26,7 @@ MODELS = {
 
 def build(name: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, **kw).eval()
-    with torch.no_grad():  # torchvision zero-initialises some heads: the output would be constant
-        for p in model.parameters():
-            if p.dim() > 1 and not p.any():
-                p.normal_(0, 0.02)
-    return model
+    return torchvision_model(name, **kw)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
