@@ -9,8 +9,11 @@ formula: then the op itself runs on meta tensors, exactly as before, and raises 
 
 MACs equal what `torch.utils.flop_counter.FlopCounterMode` counts for the same call
 (`passes.count`): conv = batch x prod(weight shape) x prod(output spatial), linear = rows x
-in x out, normalisation, activations and elementwise arithmetic 0. tests/test_core.py checks
-shapes, dtypes and MACs against the plain meta pass on whole models.
+in x out, attention = its projections plus 2 x batch x queries x keys x head width per head,
+normalisation, activations and elementwise arithmetic 0. Channel counts come from the weights,
+as in the functional ops, never from module attributes. tests/test_core.py and
+tests/test_torchvision.py compare every node's tensor_meta (strides included) and the MACs with
+the plain meta pass, on whole models, before and after pruning.
 """
 
 from __future__ import annotations
@@ -79,41 +82,44 @@ def _module(m: nn.Module, x: torch.Tensor):
     if kind in _ACTIVATIONS:
         return _like(x), 0
     if kind in _BN_DIMS:
-        ok = (x.dim() in _BN_DIMS[kind] and x.shape[1] == m.num_features and m.running_mean is not None
-              and x.is_contiguous() and (m.weight is None or m.weight.dtype == x.dtype))
+        ok = (x.dim() in _BN_DIMS[kind] and m.running_mean is not None and x.shape[1] == len(m.running_mean)
+              and x.is_contiguous() and (m.weight is None or (m.weight.dtype == x.dtype and len(m.weight) == x.shape[1])))
         return (_like(x), 0) if ok else None
     if kind is nn.LayerNorm:  # its kernel writes a contiguous output whatever the input layout
         ns = tuple(m.normalized_shape)
-        ok = x.dim() >= len(ns) and tuple(x.shape[x.dim() - len(ns):]) == ns
-        return (_meta(x.shape, x.dtype), 0) if ok and (m.weight is None or m.weight.dtype == x.dtype) else None
+        ok = (x.dim() >= len(ns) and tuple(x.shape[x.dim() - len(ns):]) == ns
+              and (m.weight is None or (m.weight.dtype == x.dtype and tuple(m.weight.shape) == ns)))
+        return (_meta(x.shape, x.dtype), 0) if ok else None
     if kind is nn.GroupNorm:
-        ok = (x.dim() >= 2 and x.shape[1] == m.num_channels and x.is_contiguous()
-              and (m.weight is None or m.weight.dtype == x.dtype))
+        ok = (x.dim() >= 2 and x.shape[1] % m.num_groups == 0 and x.is_contiguous()
+              and (m.weight is None or (m.weight.dtype == x.dtype and len(m.weight) == x.shape[1])))
         return (_like(x), 0) if ok else None
     if kind is nn.Linear:
-        if x.dim() < 2 or x.shape[-1] != m.in_features or m.weight.dtype != x.dtype:
+        out_f, in_f = m.weight.shape  # the weight decides, as in F.linear, not the attributes
+        if x.dim() < 2 or x.shape[-1] != in_f or m.weight.dtype != x.dtype:
             return None
-        rows = math.prod(x.shape[:-1])
-        return _meta((*x.shape[:-1], m.out_features), x.dtype), rows * m.in_features * m.out_features
+        return _meta((*x.shape[:-1], out_f), x.dtype), math.prod(x.shape[:-1]) * in_f * out_f
     if kind in _CONV_DIMS:
         return _conv(m, x, _CONV_DIMS[kind])
     return None
 
 
 def _conv(m, x: torch.Tensor, nd: int):
-    if (x.dim() != nd + 2 or x.shape[1] != m.in_channels or m.padding_mode != "zeros"
-            or m.weight.dtype != x.dtype):
+    w = m.weight  # the weight decides channels and kernel, as in F.conv*d, not the attributes
+    if (x.dim() != nd + 2 or w.dim() != nd + 2 or x.shape[1] != w.shape[1] * m.groups
+            or w.shape[0] % m.groups or m.padding_mode != "zeros" or w.dtype != x.dtype):
         return None
+    kernel = w.shape[2:]
     if m.padding == "same":
         spatial = tuple(x.shape[2:])
     else:
         pad = (0,) * nd if m.padding == "valid" else tuple(m.padding)
-        spatial = tuple((x.shape[2 + i] + 2 * pad[i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
+        spatial = tuple((x.shape[2 + i] + 2 * pad[i] - m.dilation[i] * (kernel[i] - 1) - 1) // m.stride[i] + 1
                         for i in range(nd))
     if min(spatial, default=1) <= 0:
         return None  # the op raises its own error
-    out = (x.shape[0], m.out_channels, *spatial)
-    return _meta(out, x.dtype), x.shape[0] * math.prod(m.weight.shape) * math.prod(spatial)
+    out = (x.shape[0], w.shape[0], *spatial)
+    return _meta(out, x.dtype), x.shape[0] * math.prod(w.shape) * math.prod(spatial)
 
 
 def _attention(m, args: tuple, kwargs: dict):
@@ -140,16 +146,16 @@ def _attention(m, args: tuple, kwargs: dict):
     if isinstance(m, nn.MultiheadAttention):
         e = m.embed_dim
         if (not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn
-                or q.shape[2] != e or k.shape[2] != e):
+                or q.shape[2] != e or k.shape[2] != e or m.in_proj_weight.shape != (3 * e, e)
+                or m.out_proj.weight.shape != (e, e)):
             return None
-        qk = vw = e
-        out_f = e
+        qk = vw = out_f = e
         macs = n * (tgt + 2 * src) * e * e + 2 * n * tgt * src * e + n * tgt * e * e
     else:
         e = m.embed_dim
-        qk, vw, out_f = h * m.qk_head_dim, h * m.v_head_dim, m.out_proj.out_features
-        if (q.shape[2] != e or k.shape[2] != e or m.in_proj_weight.shape != (2 * qk + vw, e)
-                or m.out_proj.in_features != vw):
+        qk, vw = h * m.qk_head_dim, h * m.v_head_dim
+        out_f, out_in = m.out_proj.weight.shape
+        if (q.shape[2] != e or k.shape[2] != e or m.in_proj_weight.shape != (2 * qk + vw, e) or out_in != vw):
             return None
         macs = n * (tgt + src) * e * qk + n * src * e * vw + n * h * tgt * src * (qk // h + vw // h) + n * tgt * vw * out_f
     if first:  # computed (tgt, n, out) then transposed, or (n, tgt, out) contiguous: see below

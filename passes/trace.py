@@ -1,10 +1,12 @@
 """Trace: nn.Module + example inputs -> torch.fx GraphModule with a shape on every tensor node.
 
-`trace(model, example_inputs)` symbolically traces the model (torch.fx) and runs
-`torch.fx.passes.shape_prop.ShapeProp` once on the example inputs, so every node carries
-`node.meta["tensor_meta"]`. The model is put in eval mode for the shape pass and its training
-flags are restored afterwards; nothing else about it is touched. A model fx cannot trace raises
-`TraceError` naming the user code line that failed and what to do about it.
+`trace(model, example_inputs)` symbolically traces the model (torch.fx, with the tracer below:
+passes' own replacement modules and functions stay opaque, nn.Transformer* layers are opened)
+and runs a ShapeProp-style interpreter once on the example inputs, on meta tensors, so every
+node carries `node.meta["tensor_meta"]` and the forward's MACs are counted. The model is traced
+in eval mode and its training flags are restored afterwards; nothing else about it is touched.
+A model fx cannot trace raises `TraceError` naming the user code line that failed and what to
+do about it.
 """
 
 from __future__ import annotations
@@ -242,8 +244,9 @@ def _target(node: fx.Node) -> str:
 
 
 class _ShapeProp(FreshArgs, fx.Interpreter):
-    """torch.fx ShapeProp's job (tensor_meta on every node, with ShapeProp's own metadata
-    extractor), but a failure names the node and keeps torch's message, and prints nothing."""
+    """torch.fx ShapeProp's job (tensor_meta on every node, ShapeProp's TensorMetadata via
+    `tensor_metadata`; closed-form outputs from `passes.shapes` when `fast`; MACs counted per
+    node), but a failure names the node and keeps torch's message, and prints nothing."""
 
     def __init__(self, gm, fast: bool = False):
         from .count import macs_of, new_counter

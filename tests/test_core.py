@@ -367,3 +367,31 @@ def test_pruned_model_round_trips_through_torch_save(name):
     back = torch.load(buf, weights_only=False)
     for a, b in zip(_outputs(back, x), _outputs(r.model, x)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("average", [True, False])
+def test_attention_weights_output_shapes_match_torch(batch_first, average):
+    """nn.MultiheadAttention returning its attention weights (averaged or per head), with a
+    key/value sequence longer than the query's: the shape formula matches torch node by node,
+    before and after pruning (SlimMultiheadAttention)."""
+    from passes.trace import propagate_shapes, trace
+
+    class CrossAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(16, 16)
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+
+        def forward(self, x, memory):
+            out, weights = self.attn(self.q(x), memory, memory, average_attn_weights=average)
+            return out, weights
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 5, 16), torch.randn(2, 7, 16)) if batch_first else (torch.randn(5, 2, 16), torch.randn(7, 2, 16))
+    model = CrossAttention().eval()
+    for m in (model, passes.prune(model, x, ratio=0.5).model):
+        gm = trace(copy.deepcopy(m), x).gm
+        runs = [(propagate_shapes(gm, x, fast=f), {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes})
+                for f in (False, True)]
+        assert runs[0] == runs[1]
