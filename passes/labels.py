@@ -59,7 +59,7 @@ class UnionFind:
             lo, hi = np.minimum(a, b), np.maximum(a, b)
             self.parent[hi] = lo  # hi is a root; lo < hi, so no cycles
             if (self.parent[hi] == lo).all():
-                return  # every pair is linked directly (a root paired twice kept one pairing)
+                return  # every pair is linked directly
             a, b = self.find(lo), self.find(hi)  # a root paired twice kept one pairing: redo the rest
             keep = a != b
             a, b = a[keep], b[keep]

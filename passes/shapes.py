@@ -24,12 +24,14 @@ import operator
 import torch
 from torch import nn
 
+from .modules import SlimMultiheadAttention
+
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
                 nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Softplus)
 _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)  # in eval mode
 _BN_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_ATTENTION = ()  # filled below: nn.MultiheadAttention and passes.modules.SlimMultiheadAttention
+_ATTENTION = (nn.MultiheadAttention, SlimMultiheadAttention)
 _ARITH = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
 
 
@@ -168,11 +170,3 @@ def _attention(m, args: tuple, kwargs: dict):
     if need:
         weights = _meta((n, tgt, src) if avg else (n, h, tgt, src), q.dtype)
     return (out, weights), macs
-
-
-def _attention_types():
-    from .modules import SlimMultiheadAttention
-    return (nn.MultiheadAttention, SlimMultiheadAttention)
-
-
-_ATTENTION = _attention_types()

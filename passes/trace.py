@@ -149,16 +149,16 @@ def _traceable_transformers():
 def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
     """`torch.fx.symbolic_trace` with passes' tracer. nn.Transformer* modules are traced through;
     if that fails (masks passed as traced values), they are traced again as leaves."""
-    has_transformers = any(type(m) in _TRANSFORMERS for m in model.modules())
-    if has_transformers:
+    if any(type(m) in _TRANSFORMERS for m in model.modules()):
         try:
             with _traceable_transformers():
-                tracer = _Tracer(open_transformers=True)
-                graph = tracer.trace(model)
-            return fx.GraphModule(tracer.root, graph, type(model).__name__)
+                return _trace_with(_Tracer(open_transformers=True), model)
         except Exception:
             pass  # the leaf trace below gives the error worth reporting, if any
-    tracer = _Tracer(open_transformers=False)
+    return _trace_with(_Tracer(), model)
+
+
+def _trace_with(tracer: fx.Tracer, model: torch.nn.Module) -> fx.GraphModule:
     graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 

@@ -48,20 +48,14 @@ def assert_clean(exc_info, cls, *needles):
 
 
 # -- arguments --------------------------------------------------------------------------------
-@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), float("inf"), "0.5", None, True])
-def test_ratio_outside_unit_interval(bad):
+@pytest.mark.parametrize("option,bad", [("ratio", b) for b in (-0.1, 1.0, 1.5, float("nan"), float("inf"), "0.5",
+                                                                None, True)]
+                         + [("max_ratio", b) for b in (1.0, -0.5, float("nan"))])
+def test_ratio_outside_unit_interval(option, bad):
     model, x = _residual()
     with pytest.raises(InputError) as ei:
-        passes.prune(model, x, ratio=bad)
-    assert_clean(ei, InputError, "ratio", repr(bad))
-
-
-@pytest.mark.parametrize("bad", [1.0, -0.5, float("nan")])
-def test_max_ratio_outside_unit_interval(bad):
-    model, x = _residual()
-    with pytest.raises(InputError) as ei:
-        passes.prune(model, x, max_ratio=bad)
-    assert_clean(ei, InputError, "max_ratio", repr(bad))
+        passes.prune(model, x, **{option: bad})
+    assert_clean(ei, InputError, option, repr(bad))
 
 
 def test_per_module_ratio_names_the_module_and_value():

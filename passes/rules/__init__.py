@@ -43,7 +43,7 @@ try:  # torchvision's fx-wrapped helpers (present when torchvision is)
         _tv_stochastic_depth: E.UNARY,
         _tv_swin._patch_merging_pad: S.TILE_LAST,
         _tv_swin.shifted_window_attention: A.WINDOW_ATTENTION,
-        _tv_swin3d.shifted_window_attention_3d: A.WINDOW_ATTENTION,
+        _tv_swin3d.shifted_window_attention_3d: A.WINDOW_ATTENTION_3D,
     }
 except ImportError:  # pragma: no cover - torchvision is a dependency
     _TORCHVISION = {}
@@ -95,7 +95,7 @@ FUNCTIONS: dict = {
     torch.mean: R.MEAN, torch.sum: R.SUM, torch.amax: R.MAX, torch.amin: R.MAX,
     F.softmax: R.SOFTMAX, F.log_softmax: R.SOFTMAX, torch.softmax: R.SOFTMAX,
     F.scaled_dot_product_attention: A.SDPA, window_attention: A.WINDOW_ATTENTION,
-    window_attention_3d: A.WINDOW_ATTENTION,
+    window_attention_3d: A.WINDOW_ATTENTION_3D,
     **_TORCHVISION,
 }
 

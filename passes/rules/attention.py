@@ -131,54 +131,57 @@ _WINDOW_ARGS = dict(x=(0, "input"), w=(1, "qkv_weight"), p=(2, "proj_weight"), b
 _WINDOW_3D_ARGS = {k: v for k, v in _WINDOW_ARGS.items() if k != "ls"}  # no logit_scale; 11 is `training`
 
 
-def _is_3d(node) -> bool:
-    return node.target is window_attention_3d or getattr(node.target, "__name__", "") == "shifted_window_attention_3d"
+def _window_rule(args: dict, op) -> Rule:
+    """Rule for a window attention function whose arguments sit at `args`; its rewrite calls
+    `op` (passes.ops), which takes the head widths and the scale as keywords."""
 
+    def labels(ctx, node):
+        """torchvision's (shifted_)window_attention(x [B,...,C], qkv_weight, proj_weight, ...)
+        derives the head width from C; passes.ops' version (a pruned Swin, pruned again) has
+        it in its keywords, free of C."""
+        a = {k: arg(node, i, n) for k, (i, n) in args.items()}
+        a.setdefault("ls", None)
+        x, w, p = ctx.labels(a["x"]), ctx.labels(a["w"]), ctx.labels(a["p"])
+        heads = a["heads"]
+        if not isinstance(heads, int) or heads <= 0:
+            return UNKNOWN.labels(ctx, node)
+        if "qk_head_dim" in node.kwargs:
+            dqk, dv = node.kwargs["qk_head_dim"], node.kwargs.get("v_head_dim")
+        elif len(x[-1]) % heads == 0:
+            dqk = dv = len(x[-1]) // heads
+        else:
+            return UNKNOWN.labels(ctx, node)
+        if not isinstance(dqk, int) or not isinstance(dv, int) or len(w[0]) != heads * (2 * dqk + dv):
+            return UNKNOWN.labels(ctx, node)
+        node.meta["passes_heads"] = (heads, dqk, dv)
+        ctx.unify(x[-1], w[1], ctx.why("attention input meets a non-channel dim"))
+        qk_rows, v_rows = _split_rows(w[0], heads, dqk, dv)
+        _couple_heads(ctx, a["w"].target if hasattr(a["w"], "target") else "qkv_weight", qk_rows, v_rows, p[1])
+        for bias, weight in (("qb", w), ("pb", p)):
+            if ctx.labels(a[bias]) is not None:
+                ctx.unify(ctx.labels(a[bias])[0], weight[0])
+        for name in ("bias", "ls"):  # per-head tensors: heads are not pruned
+            ctx.pin_value(ctx.labels(a[name]), ctx.why("per-head attention tensor"))
+        ctx.mark_passive(None, _tensor_of(ctx, a["w"]), 0, 1)
+        ctx.mark_passive(None, _tensor_of(ctx, a["qb"]), 0)
+        ctx.mark_passive(None, _tensor_of(ctx, a["p"]), 1)
+        shape = tuple(node.meta["tensor_meta"].shape)
+        return tuple(np.zeros(s, dtype=np.int64) for s in shape[:-1]) + (p[0],)
 
-def _window(ctx, node):
-    """torchvision's shifted_window_attention(x [B,H,W,C], qkv_weight, proj_weight, ...), or
-    passes.ops.window_attention (a pruned Swin, pruned again), whose head widths are keywords."""
-    a = {k: arg(node, i, n) for k, (i, n) in (_WINDOW_3D_ARGS if _is_3d(node) else _WINDOW_ARGS).items()}
-    a.setdefault("ls", None)
-    x, w, p = ctx.labels(a["x"]), ctx.labels(a["w"]), ctx.labels(a["p"])
-    heads = a["heads"]
-    if not isinstance(heads, int) or heads <= 0:
-        return UNKNOWN.labels(ctx, node)
-    if node.target in (window_attention, window_attention_3d):  # widths are free of each other
-        dqk, dv = node.kwargs.get("qk_head_dim"), node.kwargs.get("v_head_dim")
-    elif len(x[-1]) % heads == 0:
-        dqk = dv = len(x[-1]) // heads
-    else:
-        return UNKNOWN.labels(ctx, node)
-    if not isinstance(dqk, int) or not isinstance(dv, int) or len(w[0]) != heads * (2 * dqk + dv):
-        return UNKNOWN.labels(ctx, node)
-    node.meta["passes_heads"] = (heads, dqk, dv)
-    ctx.unify(x[-1], w[1], ctx.why("attention input meets a non-channel dim"))
-    qk_rows, v_rows = _split_rows(w[0], heads, dqk, dv)
-    _couple_heads(ctx, a["w"].target if hasattr(a["w"], "target") else "qkv_weight", qk_rows, v_rows, p[1])
-    for bias, weight in (("qb", w), ("pb", p)):
-        if ctx.labels(a[bias]) is not None:
-            ctx.unify(ctx.labels(a[bias])[0], weight[0])
-    for name in ("bias", "ls"):  # per-head tensors: heads are not pruned
-        ctx.pin_value(ctx.labels(a[name]), ctx.why("per-head attention tensor"))
-    ctx.mark_passive(None, _tensor_of(ctx, a["w"]), 0, 1)
-    ctx.mark_passive(None, _tensor_of(ctx, a["qb"]), 0)
-    ctx.mark_passive(None, _tensor_of(ctx, a["p"]), 1)
-    shape = tuple(node.meta["tensor_meta"].shape)
-    return tuple(np.zeros(s, dtype=np.int64) for s in shape[:-1]) + (p[0],)
+    def rewrite(rctx, node):
+        if "passes_heads" not in node.meta:  # a form the analysis pinned: nothing changed
+            return
+        heads, dqk, dv = node.meta["passes_heads"]
+        qk_rows, v_rows = _split_rows(rctx.labels_of(arg(node, 1, "qkv_weight"))[0], heads, dqk, dv)
+        scale = node.kwargs.get("scale", dqk ** -0.5)  # the original's, also when pruned again
+        node.target = op
+        node.kwargs = {**node.kwargs, "qk_head_dim": rctx.count(qk_rows[0, 0]),
+                       "v_head_dim": rctx.count(v_rows[0]), "scale": scale}
 
-
-def _window_rewrite(rctx, node):
-    if "passes_heads" not in node.meta:  # a form the analysis pinned: nothing changed
-        return
-    heads, dqk, dv = node.meta["passes_heads"]
-    qk_rows, v_rows = _split_rows(rctx.labels_of(arg(node, 1, "qkv_weight"))[0], heads, dqk, dv)
-    scale = node.kwargs.get("scale", dqk ** -0.5)  # the original's, also when pruned again
-    node.target = window_attention_3d if _is_3d(node) else window_attention
-    node.kwargs = {**node.kwargs, "qk_head_dim": rctx.count(qk_rows[0, 0]),
-                   "v_head_dim": rctx.count(v_rows[0]), "scale": scale}
+    return Rule(labels, rewrite)
 
 
 SDPA = Rule(_sdpa, _sdpa_rewrite)
-WINDOW_ATTENTION = Rule(_window, _window_rewrite)
+WINDOW_ATTENTION = _window_rule(_WINDOW_ARGS, window_attention)
+WINDOW_ATTENTION_3D = _window_rule(_WINDOW_3D_ARGS, window_attention_3d)
 MHA = Rule(_mha, _mha_rewrite)
