@@ -328,12 +328,10 @@ def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
     pinned[0] = True
     cg.pinned_roots = np.flatnonzero(pinned & (roots == np.arange(uf.size)))
     in_act = np.zeros(uf.size, dtype=bool)  # classes seen in an activation (not a get_attr read)
-    for node in traced.gm.graph.nodes:
-        if node.op != "get_attr":
-            for arr in iter_arrays(ctx.values.get(node.name), sizes=False):
-                in_act[roots[arr]] = True
-    for arr in ctx.active:
-        in_act[roots[arr]] = True
+    seen = [arr for node in traced.gm.graph.nodes if node.op != "get_attr"
+            for arr in iter_arrays(ctx.values.get(node.name), sizes=False)]
+    if seen or ctx.active:
+        in_act[roots[np.concatenate(seen + list(ctx.active))]] = True
     # producer dims: every labelled parameter dim that no rule declared passive. Units that
     # share a producer dim form a group: components of a second union-find over unit roots,
     # whose root is the component's smallest unit (union links the larger root to the smaller).

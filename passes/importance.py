@@ -43,30 +43,56 @@ def _slice_norms(t: torch.Tensor, dims: list[int], kind: str, scratch: torch.Ten
 
 
 def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray:
-    """Score per atom-class root (index by unit root); only `cg.units` entries are meaningful."""
+    """Score per atom-class root (index by unit root); only `cg.units` entries are meaningful.
+
+    Also refuses NaN/Inf weights and buffers (`InputError` naming the tensor): the slice norms
+    computed for scoring read every scored parameter anyway, so only the rest is summed here."""
     if criterion not in CRITERIA:
         raise InputError(f"importance must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     out = np.zeros(cg.uf.size, dtype=np.float64)
+    tensors = {name: t for name, t in [*cg.gm.named_parameters(), *cg.gm.named_buffers()] if t.is_floating_point()}
     if criterion == "random":
+        check_finite(tensors)
         out[cg.units] = np.random.default_rng(seed).random(len(cg.units))
         return out
     is_unit = np.zeros(cg.uf.size, dtype=bool)
     is_unit[cg.units] = True
-    work = []
     params = {name for name, _ in cg.gm.named_parameters()}  # buffers (running stats) are not weights
+    work = []
     for name, labs in cg.param_labels.items():
-        if name not in params:
+        t = tensors.get(name)
+        if t is None or name not in params:
             continue
-        t = attr_at(cg.gm, name)
         dims = [d for d, arr in enumerate(labs) if is_unit[cg.roots[arr]].any()]  # pinned dims score nothing
-        if dims and t.is_floating_point():  # index buffers carry no importance
-            work.append((t, labs, dims))
-    if not work:
-        return out
-    scratch = torch.empty(max(t.numel() for t, _, _ in work), dtype=torch.float32)
+        if dims:
+            work.append((name, t, labs, dims))
     roots, norms = [], []
-    for t, labs, dims in work:
-        for d, n in zip(dims, _slice_norms(t, dims, criterion, scratch)):
-            roots.append(cg.roots[labs[d]])
-            norms.append(n)
+    if work:
+        scratch = torch.empty(max(t.numel() for _, t, _, _ in work), dtype=torch.float32)
+        for name, t, labs, dims in work:
+            per_dim = _slice_norms(t, dims, criterion, scratch)
+            if not np.isfinite(per_dim[0]).all():  # every element is in one slice of each dim
+                check_finite({name: t})
+            del tensors[name]
+            for d, n in zip(dims, per_dim):
+                roots.append(cg.roots[labs[d]])
+                norms.append(n)
+    check_finite(tensors)
+    if not norms:
+        return out
     return np.bincount(np.concatenate(roots), np.concatenate(norms), minlength=cg.uf.size)
+
+
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """InputError naming the first tensor with NaN/Inf values (one sum per tensor, then a count
+    only for a tensor whose sum is not finite: a sum can overflow where no value is Inf)."""
+    if not tensors:
+        return
+    names = list(tensors)
+    with torch.no_grad():
+        sums = torch.stack([tensors[n].detach().sum().float() for n in names])
+        for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
+            bad = int((~torch.isfinite(tensors[names[i]])).sum())
+            if bad:
+                raise InputError(f"parameter '{names[i]}' has {bad} NaN/Inf values; "
+                                 f"importance and equivalence checks need finite weights")

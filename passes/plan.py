@@ -86,25 +86,31 @@ def select(cg: ChannelGraph, score: np.ndarray, *, ratio: float, group_ratio: di
 def keep_every_dim(cg: ChannelGraph, removed: np.ndarray, score: np.ndarray, max_ratio: float) -> np.ndarray:
     """Give back the best removed units of any tensor dim that would keep fewer than
     max(1, ceil(n * (1 - max_ratio))) of its n positions. Groups bound ratios per group, but
-    one group can span several dims (a chunk of a shuffled tensor); no dim may empty out."""
+    one group can span several dims (a chunk of a shuffled tensor); no dim may empty out.
+
+    Every dim is counted at once; only the dims found short are then fixed one by one (giving
+    units back never makes another dim short)."""
     root_removed = np.zeros(cg.uf.size, dtype=bool)
     root_removed[removed] = True
-    arrays = [a for v in cg.values.values() for a in iter_arrays(v, sizes=False)]
-    arrays += [a for labs in cg.param_labels.values() for a in labs]
-    for arr in arrays:
-        n = len(arr)
-        if n == 0:
-            continue
-        r = cg.roots[arr]
+    arrays = [a for v in cg.values.values() for a in iter_arrays(v, sizes=False) if len(a)]
+    arrays += [a for labs in cg.param_labels.values() for a in labs if len(a)]
+    if not arrays:
+        return removed
+    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+    ends = np.cumsum(lengths)
+    gone = np.concatenate([[0], np.cumsum(root_removed[cg.roots[np.concatenate(arrays)]])])
+    kept = lengths - (gone[ends] - gone[ends - lengths])
+    need = np.maximum(1, np.ceil(lengths * (1 - max_ratio) - 1e-9).astype(np.int64))
+    for i in np.flatnonzero(kept < need).tolist():
+        r = cg.roots[arrays[i]]
         rm = root_removed[r]
-        need = max(1, math.ceil(n * (1 - max_ratio) - 1e-9))
-        missing = need - (n - int(rm.sum()))
+        missing = int(need[i]) - (len(r) - int(rm.sum()))
         if missing <= 0:
             continue
         units, per = unique(r[rm], return_counts=True)
-        for i in np.argsort(-score[units], kind="stable"):
-            root_removed[units[i]] = False
-            missing -= per[i]
+        for j in np.argsort(-score[units], kind="stable"):
+            root_removed[units[j]] = False
+            missing -= per[j]
             if missing <= 0:
                 break
     return removed[root_removed[removed]]
@@ -131,13 +137,17 @@ class Plan:
 
     @classmethod
     def from_units(cls, cg: ChannelGraph, removed_roots: np.ndarray, settings: dict) -> "Plan":
-        mask = removed_mask(cg, removed_roots)
+        root_removed = np.zeros(cg.uf.size, dtype=bool)
+        root_removed[removed_roots] = True
+        dims = [(name, d, arr) for name, labs in cg.param_labels.items() for d, arr in enumerate(labs) if len(arr)]
         removed: dict[str, dict[int, list[int]]] = {}
-        for name, labs in cg.param_labels.items():
-            for d, arr in enumerate(labs):
-                idx = np.flatnonzero(mask[arr])
-                if idx.size:
-                    removed.setdefault(name, {})[d] = idx.tolist()
+        if dims:  # all dims at once; index lists only for the dims that lose positions
+            flat = root_removed[cg.roots[np.concatenate([a for _, _, a in dims])]]
+            ends = np.cumsum([len(a) for _, _, a in dims])
+            gone = np.concatenate([[0], np.cumsum(flat)])
+            for i in np.flatnonzero(gone[ends] > gone[ends - [len(a) for _, _, a in dims]]).tolist():
+                name, d, arr = dims[i]
+                removed.setdefault(name, {})[d] = np.flatnonzero(flat[ends[i] - len(arr):ends[i]]).tolist()
         return cls(removed, fingerprint(cg.gm), settings)
 
     def to_units(self, cg: ChannelGraph) -> np.ndarray:

@@ -4,16 +4,18 @@
    class is removed, in every dimension. Tied tensors stay tied.
 2. Each node's rule fixes what slicing alone does not (`Rule.rewrite`): literal sizes, module
    attributes, replaced modules.
-3. The graph is recompiled and run once through ShapeProp; every tensor node must have exactly
-   the shape the labels promise (kept positions per dim). A mismatch is a `RewriteError` that
-   names the node: a wrong model is never returned silently.
+3. A plain GraphModule is built over the rewritten graph (its Python code generated once) and
+   run once through the shape pass; every tensor node must have exactly the shape the labels
+   promise (kept positions per dim). A mismatch is a `RewriteError` that names the node: a
+   wrong model is never returned silently.
 
-The GraphModule given is modified in place; `passes.prune` hands it a deep copy unless the
-caller asked for `inplace=True`.
+The modules and tensors of the GraphModule given are modified in place (the returned one shares
+them); `passes.prune` hands it a deep copy unless the caller asked for `inplace=True`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -62,32 +64,56 @@ class RewriteCtx:
 
 @torch.no_grad()
 def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """Slice every labelled tensor of `roots` (the GraphModule, and the original when in place)."""
+    """Slice every labelled tensor of `roots` (the GraphModule, and the original when in place).
+
+    Each tensor is replaced wherever a module holds it (tied tensors stay tied): in parameter
+    and buffer tables, and, when a labelled tensor is a plain attribute (a graph constant), in
+    module attributes too."""
+    gm = cg.gm
+    owned = dict(gm.named_parameters(remove_duplicate=False))
+    owned.update(gm.named_buffers(remove_duplicate=False))
     new_by_old: dict[int, torch.Tensor] = {}
     sliced: dict[str, torch.Tensor] = {}
-    gm = cg.gm
+    constants = False
+    work = []
     for name, labs in cg.param_labels.items():
-        old = attr_at(gm, name)
+        old = owned.get(name)
+        if old is None:
+            old, constants = attr_at(gm, name), True
+        keep = [(d, torch.from_numpy(np.flatnonzero(~removed[arr]))) for d, arr in enumerate(labs) if removed[arr].any()]
+        if keep:
+            work.append((name, old, keep))
+    # a tensor cut in several dims passes through intermediates: one reused buffer holds them
+    # (fresh memory for each was a page fault per 4 KiB, the larger part of the time on ViT-B)
+    sizes = [math.prod(old.shape[d + 1:]) * len(i) * math.prod(old.shape[:d]) for _, old, keep in work
+             for d, i in keep[:1] if len(keep) > 1]
+    scratch = torch.empty(max(sizes, default=0), dtype=torch.float32)
+    for name, old, keep in work:
         new = old
-        for d, arr in enumerate(labs):
-            rm = removed[arr]
-            if rm.any():
-                new = new.index_select(d, torch.from_numpy(np.flatnonzero(~rm)))
-        if new is old:
-            continue
+        for j, (d, idx) in enumerate(keep):
+            if j == 0 and len(keep) > 1 and new.dtype == scratch.dtype:
+                shape = (*new.shape[:d], len(idx), *new.shape[d + 1:])
+                new = torch.index_select(new, d, idx, out=scratch[: math.prod(shape)].view(shape))
+            else:
+                new = new.index_select(d, idx)
         if isinstance(old, torch.nn.Parameter):
-            new = torch.nn.Parameter(new.detach(), requires_grad=old.requires_grad)  # index_select copied
+            new = torch.nn.Parameter(new, requires_grad=old.requires_grad)  # index_select copied
         new_by_old[id(old)] = new
         sliced[name] = new
+    seen: set[int] = set()
     for root in roots:
         for mod in root.modules():
+            if id(mod) in seen:  # the GraphModule shares its submodules with the model it traced
+                continue
+            seen.add(id(mod))
             for store in (mod._parameters, mod._buffers):
                 for k, t in store.items():
                     if t is not None and id(t) in new_by_old:
                         store[k] = new_by_old[id(t)]
-            for k, v in list(vars(mod).items()):  # graph constants (plain tensor attributes)
-                if isinstance(v, torch.Tensor) and id(v) in new_by_old:
-                    setattr(mod, k, new_by_old[id(v)])
+            if constants:
+                for k, v in list(vars(mod).items()):
+                    if isinstance(v, torch.Tensor) and id(v) in new_by_old:
+                        setattr(mod, k, new_by_old[id(v)])
     return sliced
 
 
@@ -99,8 +125,19 @@ def apply(cg: ChannelGraph, removed_roots: np.ndarray, *, also: list[torch.nn.Mo
         rule = rule_for(node, rctx)
         if rule.rewrite is not None:
             rule.rewrite(rctx, node)
-    cg.gm.recompile()
-    return cg.gm, check_shapes(rctx, cg.traced.example_inputs)
+    rctx.gm = _rebuilt(cg.gm)
+    return rctx.gm, check_shapes(rctx, cg.traced.example_inputs)
+
+
+def _rebuilt(gm: fx.GraphModule) -> fx.GraphModule:
+    """A plain GraphModule over the rewritten graph (Python code generated once, here), with the
+    modules and tensors of `gm` and its training flags (fx creates fresh container modules)."""
+    new = fx.GraphModule(gm, gm.graph, type(gm).__name__)
+    flags = {name: m.training for name, m in gm.named_modules()}
+    for name, m in new.named_modules():
+        if m.training != flags.get(name, m.training):
+            m.training = flags[name]
+    return new
 
 
 def check_shapes(rctx: RewriteCtx, inputs: tuple) -> int:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.node import map_aggregate, map_arg
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import InputError, TraceError
@@ -52,24 +52,15 @@ def as_inputs(example_inputs) -> tuple:
 
 
 def check_model(model: torch.nn.Module) -> None:
-    """Refuse what the analysis cannot handle soundly: non-float32 weights, NaN/Inf weights."""
+    """Refuse what the analysis cannot handle soundly: non-float32 weights. (NaN/Inf weights are
+    refused by `passes.importance.scores`, whose norms read the weights anyway.)"""
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    tensors = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers())
-               if t.is_floating_point()]
-    for name, t in tensors:
-        if t.dtype not in _SUPPORTED_DTYPES:
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and t.dtype not in _SUPPORTED_DTYPES:
             raise InputError(
                 f"parameter '{name}' has dtype {t.dtype}; passes works on float32 models: "
                 f"call model.float() first and convert the pruned model back afterwards")
-    with torch.no_grad():  # one sum per tensor (cheap); locate the culprit only if one is not finite
-        sums = torch.stack([t.sum() for _, t in tensors]) if tensors else torch.zeros(0)
-        for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
-            name, t = tensors[i]
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                raise InputError(f"parameter '{name}' has {bad} NaN/Inf values; "
-                                 f"importance and equivalence checks need finite weights")
 
 
 def check_hooks(model: torch.nn.Module) -> None:
@@ -87,6 +78,9 @@ def check_hooks(model: torch.nn.Module) -> None:
 def eval_mode(model: torch.nn.Module):
     """Eval mode for the duration, with every submodule's training flag restored afterwards."""
     flags = {m: m.training for m in model.modules()}
+    if not any(flags.values()):  # already in eval mode: nothing to set or restore
+        yield model
+        return
     model.eval()
     try:
         yield model
@@ -159,8 +153,14 @@ def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
 
 
 def _trace_with(tracer: fx.Tracer, model: torch.nn.Module) -> fx.GraphModule:
+    """The traced GraphModule, its Python code generated on first use (torch.fx's own
+    _LazyGraphModule): analysis only reads the graph, and a pruned model is rebuilt as a plain
+    GraphModule after the rewrite (`passes.rewrite.apply`), so code generated here was thrown
+    away (about 6 ms of resnet50's 25 ms trace)."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
     graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return _LazyGraphModule(tracer.root, graph, type(model).__name__)
 
 
 def trace(model: torch.nn.Module, example_inputs) -> Traced:
@@ -196,28 +196,111 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple, *, fast: bool = True) -> int:
     """tensor_meta on every node, in eval mode; returns the MACs of that forward.
 
-    Runs on meta tensors first (parameters swapped for meta copies, nothing computed), then, if
-    an op needs real values, on real tensors. Measured here on resnet50, densenet201, vit_b_16,
-    swin_t: meta 1.4-7x faster, identical MACs (FakeTensorMode was slower than real tensors on
-    CNNs). MACs are counted in the same pass (`passes.count`): counting costs no extra forward.
-    With `fast`, the commonest leaf ops (convs, linears, norms, activations, same-shape
-    arithmetic) take their shape and MACs from a formula (`passes.shapes`) instead of torch's
-    Python meta kernels."""
+    Runs on meta tensors first (nothing computed), then, if an op needs real values, on real
+    tensors. Measured here on resnet50, densenet201, vit_b_16, swin_t: meta 1.4-7x faster,
+    identical MACs (FakeTensorMode was slower than real tensors on CNNs). MACs are counted in
+    the same pass (`passes.count`): counting costs no extra forward. With `fast`, the commonest
+    leaf ops (convs, linears, norms, activations, same-shape arithmetic, attention) take their
+    shape and MACs from a formula (`passes.shapes`) instead of running torch's meta kernels."""
     from .count import unfused_attention
 
     with eval_mode(gm), torch.no_grad(), unfused_attention():
         try:
-            state = {n: torch.empty_like(t, device="meta")
-                     for n, t in list(gm.named_parameters()) + list(gm.named_buffers())}
-            prop = _ShapeProp(gm, fast=fast)
-            with _reparametrize_module(gm, state):
-                prop.run(*(t.to("meta") for t in inputs))
-            return prop.macs
+            return _run(gm, inputs, meta=True, fast=fast)
         except NodeFailure:
             pass
-        prop = _ShapeProp(gm)
-        prop.run(*inputs)
-        return prop.macs
+        return _run(gm, inputs, meta=False, fast=False)
+
+
+def _run(gm: fx.GraphModule, inputs: tuple, *, meta: bool, fast: bool) -> int:
+    """What torch.fx's ShapeProp does (an Interpreter run recording `tensor_meta` per node), as
+    one loop: a failure names the node (`NodeFailure`) and keeps torch's message, nothing is
+    printed, MACs are counted per node (formula nodes skip the counter's dispatch).
+
+    On meta tensors, graph inputs and get_attr tensors become meta copies, and a leaf module
+    that runs (no formula) sees meta copies of its own parameters and buffers for that call:
+    only those modules pay for swapping tensors. List arguments are fresh lists, as in the
+    generated code (some functions mutate them: torchvision's video Swin)."""
+    from .count import macs_of, new_counter
+
+    convert = _meta_copy if meta else (lambda t: t)
+    modules = dict(gm.named_modules())
+    counter, macs = new_counter(), 0
+    env: dict[fx.Node, object] = {}
+    last_use = {} if meta else _last_uses(gm.graph)  # real tensors: free values after their last use
+    feed = iter(inputs)
+    for n in gm.graph.nodes:
+        op = n.op
+        try:
+            if op == "placeholder":
+                result = convert(next(feed))
+            elif op == "get_attr":
+                result = gm
+                for part in n.target.split("."):
+                    result = getattr(result, part)
+                if isinstance(result, torch.Tensor):
+                    result = convert(result)
+            elif op == "output":
+                result = map_arg(n.args[0], env.__getitem__)
+            else:
+                args = _thaw(map_arg(n.args, env.__getitem__))
+                kwargs = _thaw(dict(map_arg(n.kwargs, env.__getitem__))) if n.kwargs else {}
+                module = modules[n.target] if op == "call_module" else None
+                hit = fast_meta(op, n.target, module, args, kwargs) if fast else None
+                if hit is None:
+                    with counter as fc:
+                        result = _call(op, n.target, module, args, kwargs, meta)
+                    hit = result, macs_of(fc)
+                result, node_macs = hit
+                macs += node_macs
+        except NodeFailure:
+            raise
+        except Exception as e:
+            raise NodeFailure(n, e) from e
+        env[n] = result
+        _record(n, result)
+        for done in last_use.get(n, ()):
+            del env[done]
+    return macs
+
+
+def _call(op: str, target, module, args, kwargs, meta: bool):
+    if op == "call_function":
+        return target(*args, **kwargs)
+    if op == "call_method":
+        return getattr(args[0], target)(*args[1:], **kwargs)
+    state = {k: _meta_copy(t) for k, t in [*module.named_parameters(), *module.named_buffers()]} if meta else {}
+    if not state:
+        return module(*args, **kwargs)
+    with _reparametrize_module(module, state):
+        return module(*args, **kwargs)
+
+
+def _meta_copy(t: torch.Tensor) -> torch.Tensor:
+    """Same shape, strides and dtype on the meta device (a plain tensor, as ShapeProp's copies)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def _last_uses(graph: fx.Graph) -> dict:
+    """Per node: the values whose last use it is (the Interpreter's garbage collection)."""
+    seen, out = set(), {}
+    for n in reversed(graph.nodes):
+        for used in n.all_input_nodes:
+            if used not in seen:
+                seen.add(used)
+                out.setdefault(n, []).append(used)
+    return out
+
+
+def _record(n: fx.Node, result) -> None:
+    if isinstance(result, torch.Tensor):
+        n.meta["tensor_meta"] = tensor_metadata(result)
+    elif isinstance(result, (tuple, list, dict)):
+        found = []
+        meta = map_aggregate(result, lambda o: found.append(1) or tensor_metadata(o)
+                             if isinstance(o, torch.Tensor) else o)
+        if found:
+            n.meta["tensor_meta"] = meta
 
 
 class FreshArgs:
@@ -243,48 +326,6 @@ def _target(node: fx.Node) -> str:
     return describe_target(node)
 
 
-class _ShapeProp(FreshArgs, fx.Interpreter):
-    """torch.fx ShapeProp's job (tensor_meta on every node, ShapeProp's TensorMetadata via
-    `tensor_metadata`; closed-form outputs from `passes.shapes` when `fast`; MACs counted per
-    node), but a failure names the node and keeps torch's message, and prints nothing."""
-
-    def __init__(self, gm, fast: bool = False):
-        from .count import macs_of, new_counter
-
-        super().__init__(gm)
-        self.extra_traceback = False  # our NodeFailure already names the node, in one line
-        self.fast, self.macs = fast, 0
-        self._counter, self._macs_of = new_counter(), macs_of
-
-    def run_node(self, n):
-        try:
-            with self._set_current_node(n):
-                args, kwargs = self.fetch_args_kwargs_from_env(n)
-                hit = None
-                if self.fast and n.op in ("call_module", "call_function"):
-                    module = self.submodules.get(n.target) if n.op == "call_module" else None
-                    hit = fast_meta(n.op, n.target, module, args, kwargs)
-                if hit is not None:
-                    result, macs = hit
-                elif n.op in ("placeholder", "get_attr", "output"):
-                    result, macs = getattr(self, n.op)(n.target, args, kwargs), 0
-                else:  # counted one node at a time: formula nodes skip the counter's dispatch
-                    with self._counter as fc:
-                        result = getattr(self, n.op)(n.target, args, kwargs)
-                    macs = self._macs_of(fc)
-        except NodeFailure:
-            raise
-        except Exception as e:
-            raise NodeFailure(n, e) from e
-        self.macs += macs
-        found = []
-        meta = map_aggregate(result, lambda o: found.append(1) or tensor_metadata(o)
-                             if isinstance(o, torch.Tensor) else o)
-        if found:
-            n.meta["tensor_meta"] = meta
-        return result
-
-
 _FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
 
 
@@ -294,8 +335,8 @@ def tensor_metadata(t: torch.Tensor):
     the tensor's own C++ `is_contiguous(memory_format=...)` answers the same question."""
     if t.is_quantized or t.layout != torch.strided:
         return _extract_tensor_metadata(t)
-    meta = _extract_tensor_metadata(t, include_contiguity=False)
-    return meta._replace(memory_format=next((f for f in _FORMATS if t.is_contiguous(memory_format=f)), None))
+    fmt = next((f for f in _FORMATS if t.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
 
 
 def _thaw(v):
