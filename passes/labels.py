@@ -43,11 +43,14 @@ class UnionFind:
     def find(self, x: np.ndarray) -> np.ndarray:
         p = self.parent
         r = p[x]
+        rr = p[r]
+        if (rr == r).all():  # the common case: every parent is a root, nothing to compress
+            return r
         while True:
-            rr = p[r]
-            if np.array_equal(rr, r):
-                break
             r = rr
+            rr = p[r]
+            if (rr == r).all():
+                break
         p[x] = r
         return r
 
@@ -98,6 +101,9 @@ def unify(uf: UnionFind, pin: PinFn, a: np.ndarray, b: np.ndarray, reason: str) 
         return
     if a.shape != b.shape:
         raise ValueError(f"unify: lengths differ ({a.shape[0]} vs {b.shape[0]})")
+    if a.all() and b.all():  # two channel dims (the common case)
+        uf.union(a, b)
+        return
     az, bz = a == 0, b == 0
     both = ~az & ~bz
     if both.any():

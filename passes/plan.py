@@ -137,17 +137,9 @@ class Plan:
 
     @classmethod
     def from_units(cls, cg: ChannelGraph, removed_roots: np.ndarray, settings: dict) -> "Plan":
-        root_removed = np.zeros(cg.uf.size, dtype=bool)
-        root_removed[removed_roots] = True
-        dims = [(name, d, arr) for name, labs in cg.param_labels.items() for d, arr in enumerate(labs) if len(arr)]
         removed: dict[str, dict[int, list[int]]] = {}
-        if dims:  # all dims at once; index lists only for the dims that lose positions
-            flat = root_removed[cg.roots[np.concatenate([a for _, _, a in dims])]]
-            ends = np.cumsum([len(a) for _, _, a in dims])
-            gone = np.concatenate([[0], np.cumsum(flat)])
-            for i in np.flatnonzero(gone[ends] > gone[ends - [len(a) for _, _, a in dims]]).tolist():
-                name, d, arr = dims[i]
-                removed.setdefault(name, {})[d] = np.flatnonzero(flat[ends[i] - len(arr):ends[i]]).tolist()
+        for name, d, cut in cut_dims(cg, removed_mask(cg, removed_roots)):
+            removed.setdefault(name, {})[d] = np.flatnonzero(cut).tolist()
         return cls(removed, fingerprint(cg.gm), settings)
 
     def to_units(self, cg: ChannelGraph) -> np.ndarray:
@@ -193,6 +185,21 @@ class Plan:
 
 def _normalise(removed: dict) -> dict:
     return {k: {int(d): list(v) for d, v in dims.items()} for k, dims in removed.items()}
+
+
+def cut_dims(cg: ChannelGraph, atom_removed: np.ndarray):
+    """(name, dim, removed positions as a mask) for every labelled tensor dim that loses
+    positions, given a removed flag per atom. All dims are counted in one vectorised pass."""
+    dims = [(name, d, arr) for name, labs in cg.param_labels.items() for d, arr in enumerate(labs) if len(arr)]
+    if not dims:
+        return
+    lengths = np.fromiter((len(a) for _, _, a in dims), dtype=np.int64, count=len(dims))
+    ends = np.cumsum(lengths)
+    flat = atom_removed[np.concatenate([a for _, _, a in dims])]
+    gone = np.concatenate([[0], np.cumsum(flat)])
+    for i in np.flatnonzero(gone[ends] > gone[ends - lengths]).tolist():
+        name, d, _ = dims[i]
+        yield name, d, flat[ends[i] - lengths[i]:ends[i]]
 
 
 def removed_mask(cg: ChannelGraph, removed_roots: np.ndarray) -> np.ndarray:

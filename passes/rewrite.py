@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from .channels import ChannelGraph, attr_at, describe_target, map_meta
 from .errors import RewriteError
-from .plan import removed_mask
+from .plan import cut_dims, removed_mask
 from .rules import rule_for
 from .trace import NodeFailure, propagate_shapes
 
@@ -42,7 +42,7 @@ class RewriteCtx:
         return ~self.removed[arr]
 
     def count(self, arr: np.ndarray) -> int:
-        return int(len(arr) - self.removed[arr].sum())
+        return len(arr) - int(np.count_nonzero(self.removed[arr]))
 
     def labels_of(self, n: Any):
         return self.cg.values.get(n.name) if isinstance(n, fx.Node) else None
@@ -75,14 +75,15 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Mo
     new_by_old: dict[int, torch.Tensor] = {}
     sliced: dict[str, torch.Tensor] = {}
     constants = False
+    cut: dict[str, list] = {}  # name -> [(dim, kept indices)] for the dims that lose positions
+    for name, d, gone in cut_dims(cg, removed):
+        cut.setdefault(name, []).append((d, torch.from_numpy(np.flatnonzero(~gone))))
     work = []
-    for name, labs in cg.param_labels.items():
+    for name, keep in cut.items():
         old = owned.get(name)
         if old is None:
             old, constants = attr_at(gm, name), True
-        keep = [(d, torch.from_numpy(np.flatnonzero(~removed[arr]))) for d, arr in enumerate(labs) if removed[arr].any()]
-        if keep:
-            work.append((name, old, keep))
+        work.append((name, old, keep))
     # a tensor cut in several dims passes through intermediates: one reused buffer holds them
     # (fresh memory for each was a page fault per 4 KiB, the larger part of the time on ViT-B)
     sizes = [math.prod(old.shape[d + 1:]) * len(i) * math.prod(old.shape[:d]) for _, old, keep in work

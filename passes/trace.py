@@ -183,13 +183,10 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
     except NodeFailure as e:
         shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in inputs)
         raise InputError(f"the model does not run on example inputs [{shapes}]: {e}") from e.error
-    for name, m in model.named_modules():  # fx rebuilds containers; keep the caller's flags
-        if name:
-            try:
-                gm.get_submodule(name).training = m.training
-            except AttributeError:
-                pass
-    gm.training = model.training
+    flags = {name: m.training for name, m in model.named_modules()}
+    for name, m in gm.named_modules():  # fx rebuilds containers; keep the caller's flags
+        if m.training != flags.get(name, m.training):
+            m.training = flags[name]
     return Traced(gm, inputs, macs)
 
 
