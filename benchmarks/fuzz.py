@@ -167,28 +167,11 @@ def _hypothesis_chunk(n: int, seed: int, max_blocks: int) -> list:
 
 def machine() -> dict:
     import torch
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+
+    from passes.report import code_version, cpu_model
+
     return dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-                cpu=cpu, cpus=os.cpu_count(), loadavg_at_start=list(os.getloadavg()), code=code_version())
-
-
-def code_version() -> str:
-    """The commit, plus the files under passes/ that differ from it (the core may be mid-change)."""
-    import subprocess
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "passes"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=10).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    changed = [f for f in dirty if f.startswith("passes/")]
-    return head + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
+                cpu=cpu_model(), cpus=os.cpu_count(), loadavg_at_start=list(os.getloadavg()), code=code_version())
 
 
 def summarise(results: list, meta: dict) -> dict:

@@ -34,7 +34,7 @@ import torch
 import torchvision
 
 import passes
-from passes.report import cpu_model
+from passes.report import code_version, cpu_model
 from passes.channels import analyze_graph
 from passes.trace import trace
 
@@ -138,7 +138,7 @@ def main(argv=None):
 def write(rows, args, argv):
     import torch_pruning as tp
 
-    machine = dict(cpu=cpu_model(), cores=torch.get_num_threads(), load_average_1_5_15=os.getloadavg(),
+    machine = dict(code=code_version(), cpu=cpu_model(), cores=torch.get_num_threads(), load_average_1_5_15=os.getloadavg(),
                    python=platform.python_version(),
                    torch=torch.__version__, torchvision=torchvision.__version__, torch_pruning=tp.__version__)
     command = " ".join(["python benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from .channels import ChannelGraph, attr_at
+from .channels import ChannelGraph
 from .errors import InputError
 
 CRITERIA = ("l1", "l2", "random")

@@ -30,6 +30,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def code_version() -> str:
+    """The git commit of this checkout, plus the files under passes/ that differ from it (a
+    benchmark may run mid-change); "unknown" outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "passes"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    changed = [f for f in dirty if f.startswith("passes/")]
+    return (head or "unknown") + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
 def machine_info() -> dict:
     import onnx
     import onnxruntime

@@ -358,6 +358,10 @@ def test_nan_inf_weights_name_the_parameter(where, value):
     with pytest.raises(InputError) as ei:
         passes.prune(model, x)
     assert_clean(ei, InputError, f"'{where}'", "1 NaN/Inf")
+    plan = passes.prune(_residual()[0], x).plan
+    with pytest.raises(InputError) as ei:
+        passes.apply_plan(model, plan, x)
+    assert_clean(ei, InputError, f"'{where}'", "1 NaN/Inf")
 
 
 # -- plans ------------------------------------------------------------------------------------

@@ -369,6 +369,66 @@ def test_pruned_model_round_trips_through_torch_save(name):
         assert torch.equal(a, b)
 
 
+def test_pruned_model_is_a_plain_graph_module():
+    """The trace is a lazy GraphModule (no code until used); the pruned model is rebuilt as a
+    plain one, with its code generated, its containers' training flags kept."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()),
+                          nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU()), nn.Conv2d(8, 4, 1))
+    model.train()
+    model[1].eval()  # containers fx rebuilds, one in each mode
+    x = image()
+    r = passes.prune(model, x, ratio=0.5)
+    assert isinstance(r.model, torch.fx.GraphModule) and not isinstance(r.model, _LazyGraphModule)
+    assert "def forward" in r.model.code
+    flags = {n: m.training for n, m in model.named_modules()}
+    assert {n: m.training for n, m in r.model.named_modules() if n in flags} == \
+        {n: f for n, f in flags.items() if n in dict(r.model.named_modules())}
+    assert len(set(flags.values())) == 2  # the check above compares mixed flags
+
+
+class ValueDependent(nn.Module):
+    """A forward that reads a value (`.item()`): meta tensors cannot run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        scale = x.abs().amax().item()
+        return self.b(y / (1.0 + scale))
+
+
+def test_value_dependent_forward_falls_back_to_real_tensors(monkeypatch):
+    """Meta tensors fail on `.item()`; the shape pass reruns on real tensors (freeing values
+    after their last use) and records what torch.fx's ShapeProp records."""
+    import passes.trace as T
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    runs = []
+    real_run = T._run
+
+    def spy(gm, inputs, *, meta, fast):
+        runs.append(meta)
+        return real_run(gm, inputs, meta=meta, fast=fast)
+
+    monkeypatch.setattr(T, "_run", spy)
+    torch.manual_seed(0)
+    model, x = ValueDependent().eval(), image()
+    traced = T.trace(copy.deepcopy(model), (x,))
+    assert runs == [True, False]
+    ours = {n.name: n.meta.get("tensor_meta") for n in traced.gm.graph.nodes}
+    with torch.no_grad():  # as the shape pass runs
+        ShapeProp(traced.gm).propagate(x)
+    assert ours == {n.name: n.meta.get("tensor_meta") for n in traced.gm.graph.nodes}
+    r = passes.prune(model, x, ratio=0.5)
+    assert r.report.verify.ok and r.report.verify.exact and r.report.units_removed > 0
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("average", [True, False])
 def test_attention_weights_output_shapes_match_torch(batch_first, average):
