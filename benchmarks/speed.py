@@ -2,7 +2,10 @@
 
 Both tools prune a fresh copy of the model in place (the copy is made outside the timer) at
 ratio 0.5, local L2 ranking, with the final classifier ignored; runs are interleaved
-(passes, TP, passes, TP, ...) and the median is reported with the ratio TP / passes. Before
+(passes, TP, passes, TP, ...). Reported: each tool's median time, and the ratio TP / passes
+as the median over the interleaved pairs (each TP run against the passes run just before it:
+the machine is shared, and its speed drifts over minutes more than between neighbours), with
+the smallest and largest pair. Before
 each timed run the garbage of the previous one is collected (`gc.collect()`, outside the
 timer): otherwise a tool paid, at random, for a collection of the other tool's leftover cycles
 (measured: one of three passes runs on vit_b_16 took 263 ms instead of 57 ms to trace).
@@ -13,7 +16,7 @@ Also shown: `analyze` alone (trace + shapes + channel analysis), and where passe
 goes (median per stage, timed by wrapping passes' own stage functions in the same runs).
 Torch-Pruning: `MagnitudePruner(...)` (dependency graph) + `step()` (importance + pruning).
 
-    python benchmarks/speed.py [--models resnet50 densenet201 vit_b_16] [--repeats 5] [--size 224]
+    python benchmarks/speed.py [--models resnet50 densenet201 vit_b_16] [--repeats 7] [--size 224]
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def time_passes(model, x):
     passes.prune(m, x, ratio=0.5, importance="l2", verify=False, inplace=True, ignored_layers=[classifier(m)])
     total = time.perf_counter() - t
     stages = dict(_spent)
-    stages["other (report, plan record, rule fixes, recompile)"] = total - sum(stages.values())
+    stages["other (report, plan record, rule fixes, code generation)"] = total - sum(stages.values())
     gc.collect()
     t = time.perf_counter()
     analyze_graph(trace(fresh, x))
@@ -107,7 +110,7 @@ def time_passes(model, x):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet50", "densenet201", "vit_b_16"])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--size", type=int, default=224)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -126,12 +129,16 @@ def main(argv=None):
             t_tot.append(a), t_build.append(b)
         row = dict(model=name, passes_prune_s=statistics.median(p_tot), passes_analyze_s=statistics.median(p_an),
                    tp_total_s=statistics.median(t_tot), tp_graph_s=statistics.median(t_build))
-        row["speedup"] = row["tp_total_s"] / row["passes_prune_s"]
+        pairs = [t / p for p, t in zip(p_tot, t_tot)]  # each TP run against the passes run just before it
+        row["speedup"] = statistics.median(pairs)
+        row["speedup_min_max"] = (min(pairs), max(pairs))
+        row["runs_s"] = dict(passes=p_tot, tp=t_tot)
         row["passes_stages_s"] = {k: statistics.median(st[k] for st in p_stages) for k in p_stages[0]}
         rows.append(row)
         print(f"{name}: passes {row['passes_prune_s']:.3f}s (analyze {row['passes_analyze_s']:.3f}s) | "
               f"Torch-Pruning {row['tp_total_s']:.3f}s (graph {row['tp_graph_s']:.3f}s) | "
-              f"TP/passes {row['speedup']:.2f}x", flush=True)
+              f"TP/passes {row['speedup']:.2f}x (pairs {row['speedup_min_max'][0]:.2f}-{row['speedup_min_max'][1]:.2f}x)",
+              flush=True)
         write(rows, args, argv)  # after every model: an interrupted run keeps what it measured
 
 
@@ -147,15 +154,18 @@ def write(rows, args, argv):
                                                         repeats=args.repeats, rows=rows), indent=1))
     lines = ["# Analysis + rewrite time: passes vs Torch-Pruning", "",
              f"Command: `{command}`  ", f"Machine: {machine}  ",
-             f"Input 1x3x{args.size}x{args.size}, ratio 0.5, local L2, classifier ignored, median of {args.repeats} "
-             "interleaved runs, both in place on a fresh copy, garbage collected before each run. The load average is the machine's at the end "
-             "of the run: other jobs slow compute-bound work (TP's traced forward, our shape pass) more than "
-             "Python-bound work, so compare ratios from runs at similar load.", "",
-             "| model | passes prune (s) | passes analyze (s) | Torch-Pruning graph+step (s) | TP graph (s) | TP / passes |",
-             "|---|---|---|---|---|---|"]
+             f"Input 1x3x{args.size}x{args.size}, ratio 0.5, local L2, classifier ignored, {args.repeats} "
+             "interleaved runs of each tool, both in place on a fresh copy, garbage collected before each run. "
+             "Times are medians; TP / passes is the median of the per-pair ratios (a TP run over the passes "
+             "run just before it), then the smallest and largest pair. The load average is the machine's at "
+             "the end of the run; the machine is shared, so ratios from different runs differ.", "",
+             "| model | passes prune (s) | passes analyze (s) | Torch-Pruning graph+step (s) | TP graph (s) "
+             "| TP / passes | pairs min-max |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
+        lo, hi = r["speedup_min_max"]
         lines.append(f"| {r['model']} | {r['passes_prune_s']:.3f} | {r['passes_analyze_s']:.3f} | {r['tp_total_s']:.3f} "
-                     f"| {r['tp_graph_s']:.3f} | {r['speedup']:.2f}x |")
+                     f"| {r['tp_graph_s']:.3f} | {r['speedup']:.2f}x | {lo:.2f}-{hi:.2f}x |")
     stages = list(rows[0]["passes_stages_s"]) if rows else []
     lines += ["", "Where passes' prune time goes (median ms per stage; stages that run twice are summed):", "",
               "| model | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
