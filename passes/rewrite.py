@@ -67,14 +67,12 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Mo
     """Slice every labelled tensor of `roots` (the GraphModule, and the original when in place).
 
     Each tensor is replaced wherever a module holds it (tied tensors stay tied): in parameter
-    and buffer tables, and, when a labelled tensor is a plain attribute (a graph constant), in
-    module attributes too."""
+    and buffer tables and in plain attributes (graph constants), each module visited once."""
     gm = cg.gm
     owned = dict(gm.named_parameters(remove_duplicate=False))
     owned.update(gm.named_buffers(remove_duplicate=False))
     new_by_old: dict[int, torch.Tensor] = {}
     sliced: dict[str, torch.Tensor] = {}
-    constants = False
     cut: dict[str, list] = {}  # name -> [(dim, kept indices)] for the dims that lose positions
     for name, d, gone in cut_dims(cg, removed):
         cut.setdefault(name, []).append((d, torch.from_numpy(np.flatnonzero(~gone))))
@@ -82,7 +80,7 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Mo
     for name, keep in cut.items():
         old = owned.get(name)
         if old is None:
-            old, constants = attr_at(gm, name), True
+            old = attr_at(gm, name)
         work.append((name, old, keep))
     # a tensor cut in several dims passes through intermediates: one reused buffer holds them
     # (fresh memory for each was a page fault per 4 KiB, the larger part of the time on ViT-B)
@@ -111,10 +109,9 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Mo
                 for k, t in store.items():
                     if t is not None and id(t) in new_by_old:
                         store[k] = new_by_old[id(t)]
-            if constants:
-                for k, v in list(vars(mod).items()):
-                    if isinstance(v, torch.Tensor) and id(v) in new_by_old:
-                        setattr(mod, k, new_by_old[id(v)])
+            for k, v in list(vars(mod).items()):  # graph constants, and other references
+                if isinstance(v, torch.Tensor) and id(v) in new_by_old:
+                    setattr(mod, k, new_by_old[id(v)])
     return sliced
 
 
