@@ -5,10 +5,10 @@ ratio 0.5, local L2 ranking, with the final classifier ignored; runs are interle
 (passes, TP, passes, TP, ...). Reported: each tool's median time, and the ratio TP / passes
 as the median over the interleaved pairs (each TP run against the passes run just before it:
 the machine is shared, and its speed drifts over minutes more than between neighbours), with
-the smallest and largest pair. Before
-each timed run the garbage of the previous one is collected (`gc.collect()`, outside the
-timer): otherwise a tool paid, at random, for a collection of the other tool's leftover cycles
-(measured: one of three passes runs on vit_b_16 took 263 ms instead of 57 ms to trace).
+the smallest and largest pair. Before each timed run the garbage of the previous one is
+collected (`gc.collect()`, outside the timer): otherwise a tool paid, at random, for a
+collection of the other tool's leftover cycles (measured: one of three passes runs on vit_b_16
+took 263 ms instead of 57 ms to trace).
 
 passes: `prune(..., verify=False, inplace=True)` = trace + shapes + MACs, channel analysis,
 importance, plan, rewrite + shape check of every node, report (params/MACs before and after).
