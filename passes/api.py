@@ -171,7 +171,7 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs, *, verify: bo
         raise PlanError(f"apply_plan needs a passes.Plan, got {type(plan).__name__}: "
                         f"load a saved one with passes.Plan.load(path)")
     check_model(model)
-    imp.check_finite({n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()})
+    imp.check_finite(imp.float_tensors(model))
     inputs = as_inputs(example_inputs)
     reference = _copy(model) if (inplace and verify) else model
     cg = analyze_graph(trace(model if inplace else _copy(model), inputs))

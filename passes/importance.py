@@ -50,7 +50,7 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
     if criterion not in CRITERIA:
         raise InputError(f"importance must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     out = np.zeros(cg.uf.size, dtype=np.float64)
-    tensors = {name: t for name, t in [*cg.gm.named_parameters(), *cg.gm.named_buffers()] if t.is_floating_point()}
+    tensors = float_tensors(cg.gm)
     if criterion == "random":
         check_finite(tensors)
         out[cg.units] = np.random.default_rng(seed).random(len(cg.units))
@@ -81,6 +81,11 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
     if not norms:
         return out
     return np.bincount(np.concatenate(roots), np.concatenate(norms), minlength=cg.uf.size)
+
+
+def float_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Floating-point parameters and buffers by name: what `check_finite` checks."""
+    return {name: t for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_floating_point()}
 
 
 def check_finite(tensors: dict[str, torch.Tensor]) -> None:

@@ -26,7 +26,7 @@ from .channels import ChannelGraph, attr_at, describe_target, map_meta
 from .errors import RewriteError
 from .plan import cut_dims, removed_mask
 from .rules import rule_for
-from .trace import NodeFailure, propagate_shapes
+from .trace import NodeFailure, copy_training_flags, propagate_shapes
 
 
 class RewriteCtx:
@@ -63,7 +63,7 @@ class RewriteCtx:
 
 
 @torch.no_grad()
-def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Module]) -> None:
     """Slice every labelled tensor of `roots` (the GraphModule, and the original when in place).
 
     Each tensor is replaced wherever a module holds it (tied tensors stay tied): in parameter
@@ -72,7 +72,6 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Mo
     owned = dict(gm.named_parameters(remove_duplicate=False))
     owned.update(gm.named_buffers(remove_duplicate=False))
     new_by_old: dict[int, torch.Tensor] = {}
-    sliced: dict[str, torch.Tensor] = {}
     cut: dict[str, list] = {}  # name -> [(dim, kept indices)] for the dims that lose positions
     for name, d, gone in cut_dims(cg, removed):
         cut.setdefault(name, []).append((d, torch.from_numpy(np.flatnonzero(~gone))))
@@ -98,7 +97,6 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Mo
         if isinstance(old, torch.nn.Parameter):
             new = torch.nn.Parameter(new, requires_grad=old.requires_grad)  # index_select copied
         new_by_old[id(old)] = new
-        sliced[name] = new
     seen: set[int] = set()
     for root in roots:
         for mod in root.modules():
@@ -112,7 +110,6 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Mo
             for k, v in list(vars(mod).items()):  # graph constants, and other references
                 if isinstance(v, torch.Tensor) and id(v) in new_by_old:
                     setattr(mod, k, new_by_old[id(v)])
-    return sliced
 
 
 def apply(cg: ChannelGraph, removed_roots: np.ndarray, *, also: list[torch.nn.Module] = ()) -> tuple[fx.GraphModule, int]:
@@ -131,10 +128,7 @@ def _rebuilt(gm: fx.GraphModule) -> fx.GraphModule:
     """A plain GraphModule over the rewritten graph (Python code generated once, here), with the
     modules and tensors of `gm` and its training flags (fx creates fresh container modules)."""
     new = fx.GraphModule(gm, gm.graph, type(gm).__name__)
-    flags = {name: m.training for name, m in gm.named_modules()}
-    for name, m in new.named_modules():
-        if m.training != flags.get(name, m.training):
-            m.training = flags[name]
+    copy_training_flags(gm, new)
     return new
 
 

@@ -39,9 +39,10 @@ def _meta(shape, dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")  # contiguous, as the meta conv/linear kernels
 
 
-def _like(x: torch.Tensor) -> torch.Tensor:
-    # same strides (x is dense), as elementwise kernels produce; empty_like on meta runs a
-    # Python reference (0.3 ms), empty_strided a C++ kernel (3 us)
+def meta_like(x: torch.Tensor) -> torch.Tensor:
+    """Same shape, strides and dtype on the meta device, a plain tensor (for a dense x, what
+    elementwise kernels produce). empty_like on meta runs a Python reference (0.3 ms),
+    empty_strided a C++ kernel (3 us)."""
     return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
 
 
@@ -70,10 +71,10 @@ def fast_meta(op: str, target, module: nn.Module | None, args: tuple, kwargs: di
     if op == "call_function" and target in _ARITH and not kwargs and len(args) == 2:
         a, b = args
         if _float_meta(a) and _float_meta(b) and a.shape == b.shape and a.stride() == b.stride() and _dense(a):
-            return _like(a), 0
+            return meta_like(a), 0
         for t, s in ((a, b), (b, a)):
             if _float_meta(t) and type(s) in (int, float) and _dense(t):  # float tensor with a Python number
-                return _like(t), 0
+                return meta_like(t), 0
     return None
 
 
@@ -82,11 +83,11 @@ def _module(m: nn.Module, x: torch.Tensor):
     if kind in _PASS_THROUGH and not getattr(m, "training", False):
         return x, 0  # the input itself, as eval-mode dropout and Identity return it
     if kind in _ACTIVATIONS:
-        return _like(x), 0
+        return meta_like(x), 0
     if kind in _BN_DIMS:
         ok = (x.dim() in _BN_DIMS[kind] and m.running_mean is not None and x.shape[1] == len(m.running_mean)
               and x.is_contiguous() and (m.weight is None or (m.weight.dtype == x.dtype and len(m.weight) == x.shape[1])))
-        return (_like(x), 0) if ok else None
+        return (meta_like(x), 0) if ok else None
     if kind is nn.LayerNorm:  # its kernel writes a contiguous output whatever the input layout
         ns = tuple(m.normalized_shape)
         ok = (x.dim() >= len(ns) and tuple(x.shape[x.dim() - len(ns):]) == ns
@@ -95,7 +96,7 @@ def _module(m: nn.Module, x: torch.Tensor):
     if kind is nn.GroupNorm:
         ok = (x.dim() >= 2 and x.shape[1] % m.num_groups == 0 and x.is_contiguous()
               and (m.weight is None or (m.weight.dtype == x.dtype and len(m.weight) == x.shape[1])))
-        return (_like(x), 0) if ok else None
+        return (meta_like(x), 0) if ok else None
     if kind is nn.Linear:
         out_f, in_f = m.weight.shape  # the weight decides, as in F.linear, not the attributes
         if x.dim() < 2 or x.shape[-1] != in_f or m.weight.dtype != x.dtype:

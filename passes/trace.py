@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import InputError, TraceError
-from .shapes import fast_meta
+from .shapes import fast_meta, meta_like
 
 _SUPPORTED_DTYPES = (torch.float32,)
 
@@ -97,7 +97,7 @@ class _Tracer(fx.Tracer):
     """torch.fx's default tracer, with two changes.
 
     - passes' own replacements are opaque nodes: the SlimMultiheadAttention module is a leaf and
-      `passes.ops.window_attention` is wrapped, so a pruned model traces like its original did
+      `passes.ops.window_attention(_3d)` are wrapped, so a pruned model traces like its original did
       and can be pruned again;
     - with `open_transformers`, nn.TransformerEncoder/Decoder and their layers are traced
       through (torch.nn modules are leaves by default, which left every channel of a model
@@ -183,11 +183,17 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
     except NodeFailure as e:
         shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in inputs)
         raise InputError(f"the model does not run on example inputs [{shapes}]: {e}") from e.error
-    flags = {name: m.training for name, m in model.named_modules()}
-    for name, m in gm.named_modules():  # fx rebuilds containers; keep the caller's flags
+    copy_training_flags(model, gm)  # fx rebuilds containers; keep the caller's flags
+    return Traced(gm, inputs, macs)
+
+
+def copy_training_flags(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Each module of `dst` takes the training flag of the module of `src` with the same name
+    (fx builds fresh container modules, which start in training mode)."""
+    flags = {name: m.training for name, m in src.named_modules()}
+    for name, m in dst.named_modules():
         if m.training != flags.get(name, m.training):
             m.training = flags[name]
-    return Traced(gm, inputs, macs)
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple, *, fast: bool = True) -> int:
@@ -220,7 +226,7 @@ def _run(gm: fx.GraphModule, inputs: tuple, *, meta: bool, fast: bool) -> int:
     generated code (some functions mutate them: torchvision's video Swin)."""
     from .count import macs_of, new_counter
 
-    convert = _meta_copy if meta else (lambda t: t)
+    convert = meta_like if meta else (lambda t: t)
     modules = dict(gm.named_modules())
     counter, macs = new_counter(), 0
     env: dict[fx.Node, object] = {}
@@ -244,11 +250,12 @@ def _run(gm: fx.GraphModule, inputs: tuple, *, meta: bool, fast: bool) -> int:
                 kwargs = _thaw(dict(map_arg(n.kwargs, env.__getitem__))) if n.kwargs else {}
                 module = modules[n.target] if op == "call_module" else None
                 hit = fast_meta(op, n.target, module, args, kwargs) if fast else None
-                if hit is None:
+                if hit is not None:
+                    result, node_macs = hit
+                else:
                     with counter as fc:
                         result = _call(op, n.target, module, args, kwargs, meta)
-                    hit = result, macs_of(fc)
-                result, node_macs = hit
+                    node_macs = macs_of(fc)
                 macs += node_macs
         except NodeFailure:
             raise
@@ -266,16 +273,11 @@ def _call(op: str, target, module, args, kwargs, meta: bool):
         return target(*args, **kwargs)
     if op == "call_method":
         return getattr(args[0], target)(*args[1:], **kwargs)
-    state = {k: _meta_copy(t) for k, t in [*module.named_parameters(), *module.named_buffers()]} if meta else {}
+    state = {k: meta_like(t) for k, t in [*module.named_parameters(), *module.named_buffers()]} if meta else {}
     if not state:
         return module(*args, **kwargs)
     with _reparametrize_module(module, state):
         return module(*args, **kwargs)
-
-
-def _meta_copy(t: torch.Tensor) -> torch.Tensor:
-    """Same shape, strides and dtype on the meta device (a plain tensor, as ShapeProp's copies)."""
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
 def _last_uses(graph: fx.Graph) -> dict:
