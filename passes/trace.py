@@ -154,7 +154,7 @@ def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
 
 def _trace_with(tracer: fx.Tracer, model: torch.nn.Module) -> fx.GraphModule:
     """The traced GraphModule, its Python code generated on first use (torch.fx's own
-    _LazyGraphModule): analysis only reads the graph, and a pruned model is rebuilt as a plain
+    _LazyGraphModule): analysis only reads the graph, and the pruned model becomes a plain
     GraphModule after the rewrite (`passes.rewrite.apply`), so code generated here was thrown
     away (about 6 ms of resnet50's 25 ms trace)."""
     from torch.fx._lazy_graph_module import _LazyGraphModule

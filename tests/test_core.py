@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -357,7 +358,6 @@ def test_transformer_layers_are_traced_through():
 def test_pruned_model_round_trips_through_torch_save(name):
     """torch.load rebuilds a GraphModule by re-tracing its code with the tracer class that made
     it (passes' own, created with no arguments): the loaded model computes the same outputs."""
-    import io
 
     model, x = _build(name)
     r = passes.prune(model, x, ratio=0.5, verify=False)
@@ -370,8 +370,8 @@ def test_pruned_model_round_trips_through_torch_save(name):
 
 
 def test_pruned_model_is_a_plain_graph_module():
-    """The trace is a lazy GraphModule (no code until used); the pruned model is rebuilt as a
-    plain one, with its code generated, its containers' training flags kept."""
+    """The trace is a lazy GraphModule (no code until used); the pruned model is a plain one,
+    with its code generated, its containers' training flags kept, and it copies and pickles."""
     from torch.fx._lazy_graph_module import _LazyGraphModule
 
     torch.manual_seed(0)
@@ -387,6 +387,12 @@ def test_pruned_model_is_a_plain_graph_module():
     assert {n: m.training for n, m in r.model.named_modules() if n in flags} == \
         {n: f for n, f in flags.items() if n in dict(r.model.named_modules())}
     assert len(set(flags.values())) == 2  # the check above compares mixed flags
+    buf = io.BytesIO()
+    torch.save(r.model, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(r.model), torch.load(buf, weights_only=False)):
+        assert type(other) is not type(r.model) and other.code == r.model.code
+        assert torch.equal(other.eval()(x), r.model.eval()(x))
 
 
 class ValueDependent(nn.Module):
