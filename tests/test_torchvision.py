@@ -127,3 +127,41 @@ def test_video_swin_attention_heads_are_pruned():
     assert rep.macs_after < 0.35 * rep.macs_before  # 0.73 when the attention was opaque
     attn = r.model.get_submodule("features.0.0.attn")
     assert attn.qkv.weight.shape[0] < 3 * 96 and attn.proj.weight.shape[1] < 96
+
+
+def _small_mvit(v2: bool) -> torch.nn.Module:
+    """torchvision's MViT with three small blocks: v2 (relative position tables, pooled
+    residual) or v1 (absolute position embeddings, class token in the residual); q and kv
+    pooling with strides, a head count change and a width change between blocks."""
+    from torchvision.models.video.mvit import MSBlockConfig, MViT
+
+    def block(heads, c_in, c_out, stride_q, stride_kv):
+        return MSBlockConfig(num_heads=heads, input_channels=c_in, output_channels=c_out, kernel_q=[3, 3, 3],
+                             kernel_kv=[3, 3, 3], stride_q=stride_q, stride_kv=stride_kv)
+
+    torch.manual_seed(0)
+    blocks = [block(1, 16, 16, [1, 1, 1], [1, 2, 2]), block(2, 16, 32, [1, 2, 2], [1, 1, 1]),
+              block(2, 32, 32, [1, 1, 1], [1, 1, 1])]
+    return MViT(spatial_size=(32, 32), temporal_size=4, block_setting=blocks, residual_pool=v2,
+                residual_with_cls_embed=not v2, rel_pos_embed=v2, proj_after_attn=v2, num_classes=10).eval()
+
+
+@pytest.mark.parametrize("v2", [True, False], ids=["v2", "v1"])
+def test_mvit_head_widths_and_residual_stream_are_pruned(v2):
+    """MViT's fx-wrapped helpers (_unsqueeze/_squeeze, _add_shortcut, _add_rel_pos) and the
+    ops its pooling and position embeddings use (tensor_split, repeat_interleave) have rules:
+    nothing is pinned for want of one, head widths (with the pooling convs and v2's relative
+    position tables) and the residual stream shrink, and masked equivalence holds."""
+    model = _small_mvit(v2)
+    x = torch.randn(1, 3, 4, 32, 32)
+    r = passes.prune(model, x, ratio=0.5)
+    rep = r.report
+    assert rep.verify.ok and rep.verify.exact, rep.verify.message
+    assert not [p.reason for p in rep.pinned if "no rule" in p.reason]
+    assert rep.macs_after < 0.5 * rep.macs_before  # 0.65 (v2) and 0.81 (v1) with the helpers opaque
+    attn = r.model.get_submodule("blocks.2.attn")
+    head_dim = attn.pool_q.pool.weight.shape[0]
+    assert head_dim < 16 and attn.qkv.weight.shape[0] == 3 * 2 * head_dim
+    if v2:
+        assert attn.rel_pos_h.shape[1] == attn.rel_pos_t.shape[1] == head_dim
+    assert r.model.get_submodule("norm").weight.shape[0] < 32

@@ -32,18 +32,22 @@ from . import shape as S
 from . import layers as Ly
 from . import reduce as R
 from . import attention as A
+from . import mvit as MV
 from ..modules import SlimMultiheadAttention
 from ..ops import window_attention, window_attention_3d
 
 try:  # torchvision's fx-wrapped helpers (present when torchvision is)
     from torchvision.ops.stochastic_depth import stochastic_depth as _tv_stochastic_depth
     from torchvision.models import swin_transformer as _tv_swin
+    from torchvision.models.video import mvit as _tv_mvit
     from torchvision.models.video import swin_transformer as _tv_swin3d
     _TORCHVISION = {
         _tv_stochastic_depth: E.UNARY,
         _tv_swin._patch_merging_pad: S.TILE_LAST,
         _tv_swin.shifted_window_attention: A.WINDOW_ATTENTION,
         _tv_swin3d.shifted_window_attention_3d: A.WINDOW_ATTENTION_3D,
+        _tv_mvit._unsqueeze: MV.UNSQUEEZE, _tv_mvit._squeeze: MV.SQUEEZE,
+        _tv_mvit._add_shortcut: MV.ADD_SHORTCUT, _tv_mvit._add_rel_pos: MV.ADD_REL_POS,
     }
 except ImportError:  # pragma: no cover - torchvision is a dependency
     _TORCHVISION = {}
@@ -75,7 +79,8 @@ FUNCTIONS: dict = {
     torch.permute: S.PERMUTE, torch.transpose: S.TRANSPOSE, torch.swapaxes: S.TRANSPOSE,
     torch.swapdims: S.TRANSPOSE,
     torch.cat: S.CAT, torch.concat: S.CAT, torch.concatenate: S.CAT, torch.stack: S.STACK,
-    torch.split: S.SPLIT, torch.chunk: S.SPLIT, torch.unbind: S.UNBIND,
+    torch.split: S.SPLIT, torch.chunk: S.SPLIT, torch.tensor_split: S.SPLIT, torch.unbind: S.UNBIND,
+    torch.repeat_interleave: S.REPEAT_INTERLEAVE,
     torch.zeros: S.CREATE, torch.ones: S.CREATE, torch.empty: S.CREATE, torch.full: S.CREATE,
     torch.arange: S.CREATE, torch.rand: S.CREATE, torch.randn: S.CREATE, torch.tensor: S.CREATE,
     torch._assert: non_tensor, len: S.LEN,
@@ -111,7 +116,8 @@ METHODS: dict = {
     "squeeze": S.RESHAPE, "unsqueeze": S.RESHAPE, "view_as": S.RESHAPE, "reshape_as": S.RESHAPE,
     "permute": S.PERMUTE, "transpose": S.TRANSPOSE, "swapaxes": S.TRANSPOSE, "swapdims": S.TRANSPOSE,
     "expand": S.EXPAND, "expand_as": S.EXPAND, "repeat": S.REPEAT,
-    "split": S.SPLIT, "chunk": S.SPLIT, "unbind": S.UNBIND,
+    "repeat_interleave": S.REPEAT_INTERLEAVE,
+    "split": S.SPLIT, "chunk": S.SPLIT, "tensor_split": S.SPLIT, "unbind": S.UNBIND,
     "size": S.SIZE, "dim": non_tensor, "numel": S.NUMEL,
     "new_zeros": S.CREATE, "new_ones": S.CREATE, "new_empty": S.CREATE, "new_full": S.CREATE,
     "mean": R.MEAN, "sum": R.SUM, "amax": R.MAX, "amin": R.MAX,

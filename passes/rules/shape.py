@@ -147,6 +147,26 @@ def _repeat(ctx, node):
     return tuple(L.zeros(r) for r in reps[:lead]) + tuple(np.tile(a, r) for a, r in zip(x, reps[lead:]))
 
 
+def _repeat_interleave(ctx, node):
+    """repeat_interleave(x, repeats, dim): each position along `dim` repeated; that dim holds no
+    channel afterwards (a labelled one is pinned), the others keep theirs. Without `dim` the
+    result is flat, and everything labelled is pinned; repeats given as a tensor are values."""
+    x = _x(ctx, node)
+    if not isinstance(x, tuple):
+        return UNKNOWN.labels(ctx, node)
+    shape = _out_shape(node)
+    reps = ctx.labels(arg(node, 1, "repeats"))
+    if isinstance(reps, tuple):
+        ctx.pin_value(reps, ctx.why("repeat counts given as a tensor"))
+    dim = arg(node, 2, "dim")
+    if dim is None:
+        ctx.pin_value(x, ctx.why("repeat_interleave flattens its input"))
+        return tuple(L.zeros(s) for s in shape)
+    d = dim % len(x)
+    ctx.pin(x[d], ctx.why("repeat_interleave along a channel dim"))
+    return tuple(L.zeros(shape[d]) if k == d else a for k, a in enumerate(x))
+
+
 # -- cat, stack, split ------------------------------------------------------------------------
 def _cat(ctx, node):
     parts = [ctx.labels(t) for t in arg(node, 0, "tensors")]
@@ -392,6 +412,7 @@ PERMUTE = Rule(_permute)
 TRANSPOSE = Rule(_transpose)
 EXPAND = Rule(_expand, _expand_rewrite, shape_args=True)
 REPEAT = Rule(_repeat)
+REPEAT_INTERLEAVE = Rule(_repeat_interleave)
 CAT = Rule(_cat)
 STACK = Rule(_stack)
 SPLIT = Rule(_split, _split_rewrite, shape_args=True)
