@@ -80,6 +80,24 @@ class Split(nn.Module):
         return self.out(y)
 
 
+class SplitRepeat(nn.Module):
+    """tensor_split at an index on channels (the rewrite gives it the pruned section sizes),
+    repeat_interleave along a spatial dim (channels stay free) and along channels (pinned)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.a = cbr(6, 8)
+        self.b = cbr(10, 8)
+        self.c = cbr(8, 4)
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        a, b = torch.tensor_split(self.stem(x), (6,), dim=1)
+        y = (self.a(a) + self.b(b)).repeat_interleave(2, dim=3)
+        return self.out(y + self.c(y).repeat_interleave(2, dim=1))
+
+
 class FlattenLinear(nn.Module):
     def __init__(self):
         super().__init__()
@@ -369,6 +387,7 @@ STRUCTURES = {
     "residual": (Residual, image),
     "concat": (Concat, image),
     "split": (Split, image),
+    "split_repeat": (SplitRepeat, image),
     "flatten_linear": (FlattenLinear, image),
     "shuffle": (Shuffle, image),
     "grouped": (Grouped, image),
