@@ -178,12 +178,12 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
     if n_placeholders != len(inputs):
         raise InputError(
             f"{type(model).__name__}.forward takes {n_placeholders} inputs, example_inputs has {len(inputs)}")
-    try:
+    copy_training_flags(model, gm)  # fx rebuilds containers; keep the caller's flags (an eval
+    try:                            # model then needs no mode switch in the shape pass)
         macs = propagate_shapes(gm, inputs)
     except NodeFailure as e:
         shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in inputs)
         raise InputError(f"the model does not run on example inputs [{shapes}]: {e}") from e.error
-    copy_training_flags(model, gm)  # fx rebuilds containers; keep the caller's flags
     return Traced(gm, inputs, macs)
 
 
