@@ -165,3 +165,26 @@ def test_mvit_head_widths_and_residual_stream_are_pruned(v2):
     if v2:
         assert attn.rel_pos_h.shape[1] == attn.rel_pos_t.shape[1] == head_dim
     assert r.model.get_submodule("norm").weight.shape[0] < 32
+
+
+def test_detection_model_prunes_through_its_backbone():
+    """fx cannot trace a torchvision detector (its forward loops over a list of images); the
+    error says which part to prune instead, and pruning `model.backbone` in place (its FPN
+    outputs are model outputs, so they keep their 256 channels) leaves a detector that runs."""
+    from passes import TraceError
+
+    model = build("fasterrcnn_mobilenet_v3_large_320_fpn", weights_backbone=None, min_size=128, max_size=128)
+    x = torch.randn(1, 3, 128, 128)
+    with pytest.raises(TraceError, match=r"passes\.prune\(model\.backbone, .*inplace=True\)"):
+        passes.prune(model, x)
+    backbone = model.backbone
+    r = passes.prune(backbone, x, ratio=0.5, inplace=True)
+    assert r.model is backbone and model.backbone is backbone
+    rep = r.report
+    assert rep.verify.ok and rep.verify.exact, rep.verify.message
+    assert rep.params_after < 0.5 * rep.params_before
+    with torch.no_grad():
+        features = backbone(x)
+        detections = model([torch.rand(3, 128, 128)])
+    assert {k: v.shape[1] for k, v in features.items()} == {"0": 256, "1": 256, "pool": 256}
+    assert set(detections[0]) == {"boxes", "labels", "scores"} and detections[0]["boxes"].shape[1] == 4
