@@ -5,9 +5,9 @@
 2. Each node's rule fixes what slicing alone does not (`Rule.rewrite`): literal sizes, module
    attributes, replaced modules.
 3. The GraphModule becomes a plain one (its Python code generated once, for the rewritten
-   graph) and runs once through the shape pass; every tensor node must have exactly the shape the labels
-   promise (kept positions per dim). A mismatch is a `RewriteError` that names the node: a
-   wrong model is never returned silently.
+   graph) and runs once through the shape pass; every tensor node must have exactly the shape
+   the labels promise (kept positions per dim). A mismatch is a `RewriteError` that names the
+   node: a wrong model is never returned silently.
 
 The GraphModule given is modified in place and returned; `passes.prune` hands it a trace of a
 deep copy of the model unless the caller asked for `inplace=True`.

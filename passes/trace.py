@@ -178,8 +178,10 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
     if n_placeholders != len(inputs):
         raise InputError(
             f"{type(model).__name__}.forward takes {n_placeholders} inputs, example_inputs has {len(inputs)}")
-    copy_training_flags(model, gm)  # fx rebuilds containers; keep the caller's flags (an eval
-    try:                            # model then needs no mode switch in the shape pass)
+    # fx rebuilds containers: they take the caller's flags (then an eval-mode model needs no
+    # mode switch in the shape pass)
+    copy_training_flags(model, gm)
+    try:
         macs = propagate_shapes(gm, inputs)
     except NodeFailure as e:
         shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in inputs)
