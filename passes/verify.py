@@ -14,6 +14,11 @@ over the kept positions only, which is what the physically smaller model compute
 
 GroupNorm statistics over a pruned dim have no such form here; such a model gets the forward
 and shape check, and the report says which node made equivalence inapplicable.
+
+The comparison runs in float32. When it fails, it is repeated in float64 (masked original and a
+float64 copy of the pruned model): a wrong model stays wrong, while float32 rounding that an
+ill-conditioned op amplified disappears. The report then says `precision="float64"` and quotes
+both errors.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class VerifyReport:
     max_rel_error: float | None = None
     inexact: list[str] = field(default_factory=list)  # why equivalence does not apply
     message: str = ""
+    precision: str = "float32"  # "float64": float32 differed, the float64 recheck decided
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -176,15 +182,53 @@ def verify(original: torch.nn.Module, result, example_inputs, *, atol: float = 1
         return VerifyReport(True, True, False, inexact=inexact,
                             message="forward and shapes ok; masked equivalence does not apply: " + "; ".join(inexact))
     masked = masked_copy(original, result.plan)
+    want = _run_masked(masked, masks, inputs)
+    abs_err, rel = _errors(got, want)
+    ok = abs_err <= atol or rel <= rtol
+    tol = f"(tolerance rtol={rtol:g}, atol={atol:g})"
+    msg = (f"masked equivalence {'holds' if ok else 'FAILS'}: max abs error {abs_err:.3g}, "
+           f"max relative error {rel:.3g} {tol}")
+    if not ok:
+        again = _in_float64(masked, result.model, masks, inputs)
+        if isinstance(again, str):
+            msg += f"; float64 recheck not possible ({again})"
+        elif again[0] <= atol or again[1] <= rtol:
+            msg = (f"masked equivalence holds in float64: max abs error {again[0]:.3g}, max relative "
+                   f"error {again[1]:.3g} {tol}; in float32 they differ by rounding only (max relative "
+                   f"error {rel:.3g}: an ill-conditioned op, such as a normalisation of a nearly "
+                   f"constant signal, amplifies rounding)")
+            return VerifyReport(True, True, True, again[0], again[1], message=msg, precision="float64")
+        else:
+            msg += f"; in float64 too: max abs error {again[0]:.3g}, max relative error {again[1]:.3g}"
+    return VerifyReport(ok, True, True, abs_err, rel, message=msg)
+
+
+def _run_masked(masked: fx.GraphModule, masks: dict, inputs: tuple) -> list[torch.Tensor]:
     with torch.no_grad(), eval_mode(masked):
-        want = flatten_outputs(_KeptOnly(masked, masks).run(*inputs) if masks else masked(*inputs))
+        return flatten_outputs(_KeptOnly(masked, masks).run(*inputs) if masks else masked(*inputs))
+
+
+def _errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, float]:
+    """Max absolute difference, and that over the largest reference magnitude."""
     abs_err = max((float((a - b).abs().max()) if a.numel() else 0.0) for a, b in zip(got, want))
     scale = max((float(b.abs().max()) if b.numel() else 0.0) for b in want)
-    rel = abs_err / max(scale, 1e-12)
-    ok = abs_err <= atol or rel <= rtol
-    msg = (f"masked equivalence {'holds' if ok else 'FAILS'}: max abs error {abs_err:.3g}, "
-           f"max relative error {rel:.3g} (tolerance rtol={rtol:g}, atol={atol:g})")
-    return VerifyReport(ok, True, True, abs_err, rel, message=msg)
+    return abs_err, abs_err / max(scale, 1e-12)
+
+
+def _in_float64(masked: fx.GraphModule, pruned: torch.nn.Module, masks: dict, inputs: tuple):
+    """(abs, rel) errors of the same comparison in float64, or why it cannot run. A float32
+    mismatch is either a wrong model (it stays in float64) or rounding that an ill-conditioned
+    op amplified (it vanishes: measured 6e-4 in float32, 7e-13 in float64, on a softmax over
+    channels followed by InstanceNorm). Only run when float32 fails: it copies the pruned model."""
+    try:
+        pruned64 = copy.deepcopy(pruned).double()
+        inputs64 = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+        want = _run_masked(masked.double(), masks, inputs64)
+        with torch.no_grad(), eval_mode(pruned64):
+            got = flatten_outputs(pruned64(*inputs64))
+        return _errors(got, want)
+    except Exception as e:  # an op without float64 support, a dtype baked into the graph, ...
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
 def check(original, result, example_inputs, **tol) -> VerifyReport:

@@ -80,6 +80,37 @@ def test_verify_detects_a_corrupted_model(name):
         layer.weight[[0, 1]] = layer.weight[[1, 0]]  # swap two kept channels
     v = passes.verify(model, r, x)
     assert not v.ok and v.max_rel_error > 1e-3
+    assert v.precision == "float32" and "in float64 too" in v.message  # the recheck does not rescue it
+
+
+@pytest.mark.parametrize("name", ["residual", "hand_attention"])
+def test_float32_rounding_is_told_apart_in_float64(name):
+    """With a tolerance below float32 rounding the float32 comparison fails; the float64
+    recheck finds the pruned model equal to the masked original and says so."""
+    model, x = _build(name)
+    r = passes.prune(model, x, ratio=0.5)
+    assert r.report.verify.precision == "float32" and r.report.verify.max_rel_error > 1e-10
+    v = passes.verify(model, r, x, atol=0.0, rtol=1e-10)
+    assert v.ok and v.exact and v.precision == "float64" and v.max_rel_error <= 1e-10
+    assert "holds in float64" in v.message
+    assert next(r.model.parameters()).dtype == torch.float32  # the recheck used a copy
+
+
+def test_ill_conditioned_fuzz_example_is_not_a_false_failure():
+    """Fuzz example 2004865 (seed 2): LayerNorm over channels, softmax over channels, then
+    InstanceNorm. Re-applied to a fresh instance its float32 outputs differed from the masked
+    original by 6e-4 relative and verification failed; in float64 they agree to 1e-12."""
+    import strategies as S
+
+    spec = {"inputs": [["image", 3]], "stem": {"out": 8},
+            "blocks": [["pool", {"kind": "max"}], ["cl", {"out": 0}], ["save", {}], ["cred", {"kind": "softmax"}],
+                       ["norm", {"kind": "in", "act": "relu"}], ["head", {"kind": "conv", "out": 3}]]}
+    options = {"ratio": 0.637, "global_pruning": False, "round_to": None, "ignored_layers": [], "importance": "random"}
+    model, x = S.build(spec)
+    plan = passes.prune(model, x, **options).plan
+    fresh, _ = S.build(spec, seed=1)
+    v = passes.apply_plan(fresh, plan, x).report.verify  # raised VerificationError before the recheck
+    assert v.ok and v.exact and v.max_rel_error <= 1e-4
 
 
 def test_mnist_literal_view_is_rewritten():
