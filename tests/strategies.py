@@ -357,7 +357,8 @@ def groupnorm_nodes(result) -> set[str]:
 
 def check(model: nn.Module, inputs: tuple, opts: dict, spec: dict | None = None):
     """passes.prune must run, keep output shapes and verify (exact, or inexact only for GroupNorm).
-    With `spec`, the saved plan must also re-apply to a fresh instance (other weights) of it."""
+    With `spec`, the saved plan must also re-apply to a fresh instance (other weights) of it.
+    Returns the prune result and the re-applied one (None without `spec`)."""
     import passes
 
     before = [tuple(t.shape) for t in outputs(model, inputs)]
@@ -380,7 +381,8 @@ def check(model: nn.Module, inputs: tuple, opts: dict, spec: dict | None = None)
         shapes = lambda m: {n: tuple(t.shape) for n, t in m.state_dict().items()}  # noqa: E731
         assert shapes(again.model) == shapes(r.model), "the plan re-applied to a fresh instance gives other widths"
         assert again.report.verify.ok, again.report.verify.message
-    return r
+        return r, again
+    return r, None
 
 
 def spec_size(spec: dict) -> int:

@@ -77,7 +77,7 @@ def test_check_rejects_a_wrong_model():
             "blocks": [["conv", {"out": 12, "k": 3, "bias": True, "bn": True, "act": "relu"}],
                        ["head", {"kind": "gap", "out": 4}]]}
     model, inputs = S.build(spec)
-    r = S.check(model, inputs, dict(ratio=0.5))
+    r, _ = S.check(model, inputs, dict(ratio=0.5))
     conv = r.model.get_submodule("blocks.0.conv")
     with torch.no_grad():
         conv.weight[[0, 1]] = conv.weight[[1, 0]]
