@@ -389,7 +389,6 @@ def test_transformer_layers_are_traced_through():
 def test_pruned_model_round_trips_through_torch_save(name):
     """torch.load rebuilds a GraphModule by re-tracing its code with the tracer class that made
     it (passes' own, created with no arguments): the loaded model computes the same outputs."""
-
     model, x = _build(name)
     r = passes.prune(model, x, ratio=0.5, verify=False)
     buf = io.BytesIO()
