@@ -96,10 +96,8 @@ def keep_every_dim(cg: ChannelGraph, removed: np.ndarray, score: np.ndarray, max
     arrays += [a for labs in cg.param_labels.values() for a in labs if len(a)]
     if not arrays:
         return removed
-    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
-    ends = np.cumsum(lengths)
-    gone = np.concatenate([[0], np.cumsum(root_removed[cg.roots[np.concatenate(arrays)]])])
-    kept = lengths - (gone[ends] - gone[ends - lengths])
+    lengths, gone, _ = _removed_per_array(arrays, root_removed[cg.roots])
+    kept = lengths - gone
     need = np.maximum(1, np.ceil(lengths * (1 - max_ratio) - 1e-9).astype(np.int64))
     for i in np.flatnonzero(kept < need).tolist():
         r = cg.roots[arrays[i]]
@@ -193,13 +191,21 @@ def cut_dims(cg: ChannelGraph, atom_removed: np.ndarray):
     dims = [(name, d, arr) for name, labs in cg.param_labels.items() for d, arr in enumerate(labs) if len(arr)]
     if not dims:
         return
-    lengths = np.fromiter((len(a) for _, _, a in dims), dtype=np.int64, count=len(dims))
+    lengths, gone, flat = _removed_per_array([a for _, _, a in dims], atom_removed)
     ends = np.cumsum(lengths)
-    flat = atom_removed[np.concatenate([a for _, _, a in dims])]
-    gone = np.concatenate([[0], np.cumsum(flat)])
-    for i in np.flatnonzero(gone[ends] > gone[ends - lengths]).tolist():
+    for i in np.flatnonzero(gone).tolist():
         name, d, _ = dims[i]
         yield name, d, flat[ends[i] - lengths[i]:ends[i]]
+
+
+def _removed_per_array(arrays: list[np.ndarray], atom_removed: np.ndarray):
+    """(lengths, removed count per array, removed flags of all arrays concatenated), counted
+    in one vectorised pass over the concatenation (one cumulative sum, read at array ends)."""
+    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+    ends = np.cumsum(lengths)
+    flat = atom_removed[np.concatenate(arrays)]
+    gone = np.concatenate([[0], np.cumsum(flat)])
+    return lengths, gone[ends] - gone[ends - lengths], flat
 
 
 def removed_mask(cg: ChannelGraph, removed_roots: np.ndarray) -> np.ndarray:

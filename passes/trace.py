@@ -363,9 +363,9 @@ def _trace_message(model: torch.nn.Module, e: Exception) -> str:
     hint = ("the forward uses a traced value in Python control flow or a Python builtin; "
             "make that branch independent of tensor values, or move it into a submodule and "
             "wrap it with torch.fx.wrap so it becomes one opaque node (its channels are then pinned)")
-    parts = [n for n in _PARTS if isinstance(getattr(model, n, None), torch.nn.Module)]
-    if parts:  # detection models: the loop over images is outside the backbone
-        hint += (f"; or prune a part that traces on its own, in place: passes.prune(model.{parts[0]}, "
+    part = next((n for n in _PARTS if isinstance(getattr(model, n, None), torch.nn.Module)), None)
+    if part:  # detection models: the loop over images is outside the backbone
+        hint += (f"; or prune a part that traces on its own, in place: passes.prune(model.{part}, "
                  f"<the input it receives>, inplace=True) (model outputs are never pruned, so the "
                  f"rest of the model receives the widths it expects)")
     return f"torch.fx cannot trace {type(model).__name__}{where}: {type(e).__name__}: {first}. Fix: {hint}"

@@ -23,13 +23,6 @@ from .elementwise import BINARY
 from .layers import _tensor_of
 
 
-def _out_ndim(node) -> int | None:
-    meta = node.meta.get("tensor_meta")  # TensorMetadata (a named tuple), or a tuple of outputs
-    if not hasattr(meta, "shape") and isinstance(meta, (tuple, list)) and meta:
-        meta = meta[0]
-    return len(meta.shape) if hasattr(meta, "shape") else None
-
-
 def _unsqueeze(ctx, node):
     x = ctx.labels(arg(node, 0, "x"))
     target, expand = arg(node, 1, "target_dim"), arg(node, 2, "expand_dim")
@@ -39,7 +32,7 @@ def _unsqueeze(ctx, node):
     if len(x) == target - 1:
         k = expand % (len(x) + 1)
         out = x[:k] + (L.zeros(1),) + x[k:]
-    if _out_ndim(node) != len(out):
+    if len(node.meta["tensor_meta"][0].shape) != len(out):  # outputs (tensor, int)
         return UNKNOWN.labels(ctx, node)
     return (out, None)
 
@@ -49,7 +42,7 @@ def _squeeze(ctx, node):
     expand = arg(node, 2, "expand_dim")
     if not isinstance(x, tuple) or not isinstance(expand, int):
         return UNKNOWN.labels(ctx, node)
-    nd = _out_ndim(node)
+    nd = len(ctx.shape(node))
     if nd == len(x):
         return x
     k = expand % len(x)
