@@ -91,6 +91,8 @@ def _check_args(ratio, round_to, max_ratio, ratios):
 
 
 def _module_names(model: torch.nn.Module, items, what: str) -> list[str]:
+    if isinstance(items, (list, tuple, dict)) and not items:
+        return []
     by_id = {id(m): n for n, m in model.named_modules()}
     names = set(by_id.values())
     if isinstance(items, (str, torch.nn.Module)):
@@ -122,10 +124,10 @@ def _producer_roots(cg: ChannelGraph, prefixes: list[str]) -> dict[str, np.ndarr
     return out
 
 
-def _widths(gm: torch.nn.Module) -> dict[str, tuple[str, tuple]]:
+def _widths(named_modules) -> dict[str, tuple[str, tuple]]:
     """Per module with a weight: (type, weight shape); attention reports its input projection."""
     out = {}
-    for n, m in gm.named_modules():
+    for n, m in named_modules:
         w = getattr(m, "in_proj_weight", None)
         w = w if isinstance(w, torch.Tensor) else getattr(m, "weight", None)
         if isinstance(w, torch.Tensor):
@@ -190,13 +192,13 @@ def _become(caller: torch.nn.Module, gm: torch.fx.GraphModule) -> torch.fx.Graph
 
 def _finish(reference, cg, removed, plan, inputs, caller_model, verify, atol, rtol) -> PruneResult:
     """Rewrite, count, verify. `caller_model` is set when in place: its tensors are sliced too."""
-    params0, macs0 = count_params(cg.gm), cg.traced.macs
-    widths0 = _widths(cg.gm)
+    params0, macs0 = sum(p.numel() for p in cg.traced.params.values()), cg.traced.macs
+    widths0 = _widths(cg.traced.modules.items())
     new, macs1 = rewrite.apply(cg, removed, also=[caller_model] if caller_model is not None else [])
     if caller_model is not None:
         new = _become(caller_model, new)
     params1 = count_params(new)
-    widths1 = _widths(new)
+    widths1 = _widths(new.named_modules())
     layers = [LayerWidth(n, k, s, widths1.get(n, (k, s))[1]) for n, (k, s) in widths0.items()]
     report = Report(params0, params1, macs0, macs1, layers, cg.pinned(), len(cg.units), len(removed))
     result = PruneResult(new, plan, report, cg, removed)

@@ -67,10 +67,11 @@ class Ctx:
         self.passive: set[tuple[str, int]] = set()
         self.active: list[np.ndarray] = []  # atoms an opaque op computes with (no traced activation)
         self.producers: list[tuple[str, np.ndarray]] = []  # producer slices declared by rules
-        self.modules = dict(self.gm.named_modules())
+        self.modules = traced.modules
         self.tensor_names: dict[int, str] = {}
-        for name, t in list(self.gm.named_parameters()) + list(self.gm.named_buffers()):
-            self.tensor_names.setdefault(id(t), name)
+        for table in (traced.params, traced.buffers):
+            for name, t in table.items():
+                self.tensor_names.setdefault(id(t), name)
         self.node: fx.Node | None = None
 
     # -- relating atoms -------------------------------------------------------------------

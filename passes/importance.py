@@ -16,6 +16,7 @@ import torch
 
 from .channels import ChannelGraph
 from .errors import InputError
+from .labels import flagged_per_array
 
 CRITERIA = ("l1", "l2", "random")
 
@@ -50,22 +51,22 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
     if criterion not in CRITERIA:
         raise InputError(f"importance must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     out = np.zeros(cg.uf.size, dtype=np.float64)
-    tensors = float_tensors(cg.gm)
+    params = cg.traced.params  # buffers (running stats) are not weights
+    tensors = {n: t for table in (params, cg.traced.buffers) for n, t in table.items() if t.is_floating_point()}
     if criterion == "random":
         check_finite(tensors)
         out[cg.units] = np.random.default_rng(seed).random(len(cg.units))
         return out
     is_unit = np.zeros(cg.uf.size, dtype=bool)
     is_unit[cg.units] = True
-    params = {name for name, _ in cg.gm.named_parameters()}  # buffers (running stats) are not weights
+    scored = [(name, labs) for name, labs in cg.param_labels.items() if name in params and name in tensors]
+    arrays = [arr for _, labs in scored for arr in labs]
+    has_units = iter(flagged_per_array(arrays, is_unit[cg.roots])[1].tolist() if arrays else ())
     work = []
-    for name, labs in cg.param_labels.items():
-        t = tensors.get(name)
-        if t is None or name not in params:
-            continue
-        dims = [d for d, arr in enumerate(labs) if is_unit[cg.roots[arr]].any()]  # pinned dims score nothing
+    for name, labs in scored:
+        dims = [d for d in range(len(labs)) if next(has_units)]  # pinned dims score nothing
         if dims:
-            work.append((name, t, labs, dims))
+            work.append((name, tensors[name], labs, dims))
     roots, norms = [], []
     if work:
         scratch = torch.empty(max(t.numel() for _, t, _, _ in work), dtype=torch.float32)

@@ -84,6 +84,17 @@ def unique(a: np.ndarray, return_counts: bool = False):
     return s[starts], np.diff(np.append(starts, s.size))
 
 
+def flagged_per_array(arrays: Sequence[np.ndarray], atom_flag: np.ndarray):
+    """(lengths, flagged count per array, the flags of all arrays concatenated) for a boolean
+    flag per atom, counted in one vectorised pass over the concatenation (one cumulative sum,
+    read at the array ends). `arrays` must not be empty."""
+    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+    ends = np.cumsum(lengths)
+    flat = atom_flag[np.concatenate(arrays)]
+    count = np.concatenate([[0], np.cumsum(flat)])
+    return lengths, count[ends] - count[ends - lengths], flat
+
+
 def zeros(n: int) -> np.ndarray:
     return np.zeros(n, dtype=np.int64)
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch.fx as fx
 
 from .channels import ChannelGraph, describe_target, iter_arrays
 from .errors import PlanError
-from .labels import unique
+from .labels import flagged_per_array, unique
+from .trace import Traced
 
 
 def kept_count(n: int, ratio: float, max_ratio: float, round_to: int | None) -> int:
@@ -96,7 +96,7 @@ def keep_every_dim(cg: ChannelGraph, removed: np.ndarray, score: np.ndarray, max
     arrays += [a for labs in cg.param_labels.values() for a in labs if len(a)]
     if not arrays:
         return removed
-    lengths, gone, _ = _removed_per_array(arrays, root_removed[cg.roots])
+    lengths, gone, _ = flagged_per_array(arrays, root_removed[cg.roots])
     kept = lengths - gone
     need = np.maximum(1, np.ceil(lengths * (1 - max_ratio) - 1e-9).astype(np.int64))
     for i in np.flatnonzero(kept < need).tolist():
@@ -114,14 +114,16 @@ def keep_every_dim(cg: ChannelGraph, removed: np.ndarray, score: np.ndarray, max
     return removed[root_removed[removed]]
 
 
-def fingerprint(gm: fx.GraphModule) -> str:
+def fingerprint(traced: Traced) -> str:
+    """Of the traced graph (ops, targets, module types) and the parameter and buffer shapes."""
     h = hashlib.sha256()
-    modules = dict(gm.named_modules())
-    for n in gm.graph.nodes:
+    modules = traced.modules
+    for n in traced.gm.graph.nodes:
         kind = type(modules[n.target]).__name__ if n.op == "call_module" else ""
         h.update(f"{n.op}|{describe_target(n)}|{kind}\n".encode())
-    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
-        h.update(f"{name}|{tuple(t.shape)}\n".encode())
+    for table in (traced.params, traced.buffers):
+        for name, t in table.items():
+            h.update(f"{name}|{tuple(t.shape)}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -138,13 +140,13 @@ class Plan:
         removed: dict[str, dict[int, list[int]]] = {}
         for name, d, cut in cut_dims(cg, removed_mask(cg, removed_roots)):
             removed.setdefault(name, {})[d] = np.flatnonzero(cut).tolist()
-        return cls(removed, fingerprint(cg.gm), settings)
+        return cls(removed, fingerprint(cg.traced), settings)
 
     def to_units(self, cg: ChannelGraph) -> np.ndarray:
         """The unit roots this plan removes in `cg`; refuses a plan that does not fit."""
-        if self.fingerprint != fingerprint(cg.gm):
+        if self.fingerprint != fingerprint(cg.traced):
             raise PlanError(f"plan fingerprint {self.fingerprint} does not match this model "
-                            f"({fingerprint(cg.gm)}): the plan was made for another architecture")
+                            f"({fingerprint(cg.traced)}): the plan was made for another architecture")
         roots = set()
         for name, dims in self.removed.items():
             if name not in cg.param_labels:
@@ -191,21 +193,11 @@ def cut_dims(cg: ChannelGraph, atom_removed: np.ndarray):
     dims = [(name, d, arr) for name, labs in cg.param_labels.items() for d, arr in enumerate(labs) if len(arr)]
     if not dims:
         return
-    lengths, gone, flat = _removed_per_array([a for _, _, a in dims], atom_removed)
+    lengths, gone, flat = flagged_per_array([a for _, _, a in dims], atom_removed)
     ends = np.cumsum(lengths)
     for i in np.flatnonzero(gone).tolist():
         name, d, _ = dims[i]
         yield name, d, flat[ends[i] - lengths[i]:ends[i]]
-
-
-def _removed_per_array(arrays: list[np.ndarray], atom_removed: np.ndarray):
-    """(lengths, removed count per array, removed flags of all arrays concatenated), counted
-    in one vectorised pass over the concatenation (one cumulative sum, read at array ends)."""
-    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
-    ends = np.cumsum(lengths)
-    flat = atom_removed[np.concatenate(arrays)]
-    gone = np.concatenate([[0], np.cumsum(flat)])
-    return lengths, gone[ends] - gone[ends - lengths], flat
 
 
 def removed_mask(cg: ChannelGraph, removed_roots: np.ndarray) -> np.ndarray:

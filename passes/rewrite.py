@@ -36,7 +36,7 @@ class RewriteCtx:
         self.cg = cg
         self.gm = cg.gm
         self.removed = removed_mask(cg, removed_roots)
-        self.modules = dict(self.gm.named_modules())
+        self.modules = dict(cg.traced.modules)  # a copy: modules replaced by rules go here
 
     def keep(self, arr: np.ndarray) -> np.ndarray:
         return ~self.removed[arr]
@@ -63,14 +63,14 @@ class RewriteCtx:
 
 
 @torch.no_grad()
-def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Module]) -> None:
-    """Slice every labelled tensor of `roots` (the GraphModule, and the original when in place).
+def slice_tensors(cg: ChannelGraph, removed: np.ndarray, also: list[torch.nn.Module] = ()) -> None:
+    """Slice every labelled tensor of the GraphModule, and of the modules in `also` (the
+    caller's model when in place).
 
     Each tensor is replaced wherever a module holds it (tied tensors stay tied): in parameter
     and buffer tables and in plain attributes (graph constants), each module visited once."""
     gm = cg.gm
-    owned = dict(gm.named_parameters(remove_duplicate=False))
-    owned.update(gm.named_buffers(remove_duplicate=False))
+    owned = {**cg.traced.params, **cg.traced.buffers}
     new_by_old: dict[int, torch.Tensor] = {}
     cut: dict[str, list] = {}  # name -> [(dim, kept indices)] for the dims that lose positions
     for name, d, gone in cut_dims(cg, removed):
@@ -98,8 +98,8 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Mo
             new = torch.nn.Parameter(new, requires_grad=old.requires_grad)  # index_select copied
         new_by_old[id(old)] = new
     seen: set[int] = set()
-    for root in roots:
-        for mod in root.modules():
+    for modules in (cg.traced.modules.values(), *(root.modules() for root in also)):
+        for mod in modules:
             if id(mod) in seen:  # the GraphModule shares its submodules with the model it traced
                 continue
             seen.add(id(mod))
@@ -115,7 +115,7 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, roots: list[torch.nn.Mo
 def apply(cg: ChannelGraph, removed_roots: np.ndarray, *, also: list[torch.nn.Module] = ()) -> tuple[fx.GraphModule, int]:
     """Rewrite `cg.gm` in place; returns it with its MACs on the example inputs."""
     rctx = RewriteCtx(cg, removed_roots)
-    slice_tensors(cg, rctx.removed, [cg.gm, *also])
+    slice_tensors(cg, rctx.removed, also)
     for node in list(cg.gm.graph.nodes):
         rule = rule_for(node, rctx)
         if rule.rewrite is not None:
@@ -140,7 +140,7 @@ def check_shapes(rctx: RewriteCtx, inputs: tuple) -> int:
     """Run the rewritten graph once; every node must have its promised shape. Returns MACs."""
     gm = rctx.gm
     try:
-        macs = propagate_shapes(gm, inputs)
+        macs = propagate_shapes(gm, inputs, modules=rctx.modules)
     except NodeFailure as e:
         raise RewriteError(f"the rewritten model does not run: {e}") from e.error
     for node in gm.graph.nodes:

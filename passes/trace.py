@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from torch.fx import traceback as fx_traceback
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.utils.stateless import _reparametrize_module
@@ -29,9 +30,15 @@ _SUPPORTED_DTYPES = (torch.float32,)
 
 @dataclass
 class Traced:
+    """The traced GraphModule, the inputs it was traced with, and its tables (each walked once
+    here: the later stages read them instead of walking the module tree again)."""
+
     gm: fx.GraphModule
     example_inputs: tuple
     macs: int = 0  # of the forward on example_inputs
+    modules: dict = field(default_factory=dict)  # qualified name -> module, as gm.named_modules()
+    params: dict = field(default_factory=dict)  # name -> parameter, as gm.named_parameters()
+    buffers: dict = field(default_factory=dict)  # name -> buffer, as gm.named_buffers()
 
 
 def as_inputs(example_inputs) -> tuple:
@@ -52,11 +59,14 @@ def as_inputs(example_inputs) -> tuple:
 
 
 def check_model(model: torch.nn.Module) -> None:
-    """Refuse what the analysis cannot handle soundly: non-float32 weights. (NaN/Inf weights are
-    refused by `passes.importance.scores`, whose norms read the weights anyway.)"""
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+
+
+def check_dtypes(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse what the analysis cannot handle soundly: non-float32 weights. (NaN/Inf weights are
+    refused by `passes.importance.scores`, whose norms read the weights anyway.)"""
+    for name, t in tensors.items():
         if t.is_floating_point() and t.dtype not in _SUPPORTED_DTYPES:
             raise InputError(
                 f"parameter '{name}' has dtype {t.dtype}; passes works on float32 models: "
@@ -75,9 +85,10 @@ def check_hooks(model: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """Eval mode for the duration, with every submodule's training flag restored afterwards."""
-    flags = {m: m.training for m in model.modules()}
+def eval_mode(model: torch.nn.Module, modules=None):
+    """Eval mode for the duration, with every submodule's training flag restored afterwards.
+    `modules`: all of model's modules, when the caller has them."""
+    flags = {m: m.training for m in (model.modules() if modules is None else modules)}
     if not any(flags.values()):  # already in eval mode: nothing to set or restore
         yield model
         return
@@ -117,6 +128,34 @@ class _Tracer(fx.Tracer):
         if self.open_transformers and type(m) in _TRANSFORMERS:
             return False
         return isinstance(m, SlimMultiheadAttention) or super().is_leaf_module(m, qualname)
+
+    # The two overrides below only skip work for the commonest cases; the graph they build is
+    # fx's own (tests/test_core.py compares the two on every test structure and two models).
+    def create_arg(self, a):
+        """fx's Tracer.create_arg tests a value against parameters, tensors, modules, named
+        tuples and constant types before reaching the case of a Proxy or a Python number:
+        those, and plain tuples of them, take the short way."""
+        kind = type(a)
+        if kind is fx.Proxy:
+            return a.node
+        if kind in _PLAIN:
+            return a
+        if kind is tuple:
+            return tuple([self.create_arg(x) for x in a])
+        return super().create_arg(a)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        """As fx's, without the copy of the module call stack it puts in every node's meta
+        (`nn_module_stack`, which nothing here reads): fx's path is kept whenever one of its
+        options (stack traces, preserved node meta, mutation checks) is on."""
+        if self.check_mutable_operations or self.record_stack_traces or fx_traceback.has_preserved_node_meta():
+            return super().create_node(kind, target, args, kwargs, name, type_expr)
+        node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+        self.node_name_to_scope[node.name] = (self.scope.module_path, self.scope.module_type)
+        return node
+
+
+_PLAIN = (int, float, bool, str, type(None))
 
 
 @contextlib.contextmanager
@@ -165,9 +204,6 @@ def _trace_with(tracer: fx.Tracer, model: torch.nn.Module) -> fx.GraphModule:
 
 def trace(model: torch.nn.Module, example_inputs) -> Traced:
     inputs = as_inputs(example_inputs)
-    for i, t in enumerate(inputs):
-        if t.is_floating_point() and t.dtype not in _SUPPORTED_DTYPES:
-            raise InputError(f"example input {i} is {t.dtype}; the model is float32: pass float32 inputs")
     check_hooks(model)
     try:
         with eval_mode(model):  # `if self.training:` branches: the inference graph is the one pruned
@@ -180,25 +216,31 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
             f"{type(model).__name__}.forward takes {n_placeholders} inputs, example_inputs has {len(inputs)}")
     # fx rebuilds containers: they take the caller's flags (then an eval-mode model needs no
     # mode switch in the shape pass)
-    copy_training_flags(model, gm)
+    modules = dict(gm.named_modules())
+    params, buffers = dict(gm.named_parameters()), dict(gm.named_buffers())
+    check_dtypes(params), check_dtypes(buffers)
+    for i, t in enumerate(inputs):
+        if t.is_floating_point() and t.dtype not in _SUPPORTED_DTYPES:
+            raise InputError(f"example input {i} is {t.dtype}; the model is float32: pass float32 inputs")
+    copy_training_flags(model, modules)
     try:
-        macs = propagate_shapes(gm, inputs)
+        macs = propagate_shapes(gm, inputs, modules=modules)
     except NodeFailure as e:
         shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in inputs)
         raise InputError(f"the model does not run on example inputs [{shapes}]: {e}") from e.error
-    return Traced(gm, inputs, macs)
+    return Traced(gm, inputs, macs, modules, params, buffers)
 
 
-def copy_training_flags(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    """Each module of `dst` takes the training flag of the module of `src` with the same name
-    (fx builds fresh container modules, which start in training mode)."""
+def copy_training_flags(src: torch.nn.Module, dst: dict[str, torch.nn.Module]) -> None:
+    """Each module of `dst` (by qualified name) takes the training flag of the module of `src`
+    with the same name (fx builds fresh container modules, which start in training mode)."""
     flags = {name: m.training for name, m in src.named_modules()}
-    for name, m in dst.named_modules():
+    for name, m in dst.items():
         if m.training != flags.get(name, m.training):
             m.training = flags[name]
 
 
-def propagate_shapes(gm: fx.GraphModule, inputs: tuple, *, fast: bool = True) -> int:
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple, *, fast: bool = True, modules: dict | None = None) -> int:
     """tensor_meta on every node, in eval mode; returns the MACs of that forward.
 
     Runs on meta tensors first (nothing computed), then, if an op needs real values, on real
@@ -206,18 +248,20 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple, *, fast: bool = True) ->
     identical MACs (FakeTensorMode was slower than real tensors on CNNs). MACs are counted in
     the same pass (`passes.count`): counting costs no extra forward. With `fast`, the commonest
     leaf ops (convs, linears, norms, activations, same-shape arithmetic, attention) take their
-    shape and MACs from a formula (`passes.shapes`) instead of running torch's meta kernels."""
+    shape and MACs from a formula (`passes.shapes`) instead of running torch's meta kernels.
+    `modules`: gm's `dict(named_modules())` when the caller has it."""
     from .count import unfused_attention
 
-    with eval_mode(gm), torch.no_grad(), unfused_attention():
+    modules = dict(gm.named_modules()) if modules is None else modules
+    with eval_mode(gm, modules.values()), torch.no_grad(), unfused_attention():
         try:
-            return _run(gm, inputs, meta=True, fast=fast)
+            return _run(gm, inputs, modules, meta=True, fast=fast)
         except NodeFailure:
             pass
-        return _run(gm, inputs, meta=False, fast=False)
+        return _run(gm, inputs, modules, meta=False, fast=False)
 
 
-def _run(gm: fx.GraphModule, inputs: tuple, *, meta: bool, fast: bool) -> int:
+def _run(gm: fx.GraphModule, inputs: tuple, modules: dict, *, meta: bool, fast: bool) -> int:
     """What torch.fx's ShapeProp does (an Interpreter run recording `tensor_meta` per node), as
     one loop: a failure names the node (`NodeFailure`) and keeps torch's message, nothing is
     printed, MACs are counted per node (formula nodes skip the counter's dispatch).
@@ -229,7 +273,6 @@ def _run(gm: fx.GraphModule, inputs: tuple, *, meta: bool, fast: bool) -> int:
     from .count import macs_of, new_counter
 
     convert = meta_like if meta else (lambda t: t)
-    modules = dict(gm.named_modules())
     counter, macs = new_counter(), 0
     env: dict[fx.Node, object] = {}
     last_use = {} if meta else _last_uses(gm.graph)  # real tensors: free values after their last use

@@ -448,9 +448,9 @@ def test_value_dependent_forward_falls_back_to_real_tensors(monkeypatch):
     runs = []
     real_run = T._run
 
-    def spy(gm, inputs, *, meta, fast):
+    def spy(gm, inputs, modules, *, meta, fast):
         runs.append(meta)
-        return real_run(gm, inputs, meta=meta, fast=fast)
+        return real_run(gm, inputs, modules, meta=meta, fast=fast)
 
     monkeypatch.setattr(T, "_run", spy)
     torch.manual_seed(0)
@@ -491,3 +491,18 @@ def test_attention_weights_output_shapes_match_torch(batch_first, average):
         runs = [(propagate_shapes(gm, x, fast=f), {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes})
                 for f in (False, True)]
         assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("name", [*STRUCTURES, "swin_t", "vit_b_16"])
+def test_tracer_shortcuts_build_fx_own_graph(name):
+    """passes' tracer shortens fx's create_arg/create_node for common values; the graph must
+    be exactly the one torch.fx's own tracer builds (node names, ops, targets, arguments)."""
+    import torch.fx as fx
+    import torchvision
+
+    from passes.trace import _Tracer
+
+    model = STRUCTURES[name][0]() if name in STRUCTURES else torchvision.models.get_model(name, weights=None)
+    ours, theirs = _Tracer().trace(model), fx.Tracer().trace(model)
+    assert str(ours) == str(theirs)
+    assert [n.meta.get("nn_module_stack") for n in ours.nodes] == [None] * len(ours.nodes)
