@@ -155,8 +155,8 @@ def prune(model: torch.nn.Module, example_inputs, *, ratio: float = 0.5, importa
     group_ratio = {}
     for name, roots in _producer_roots(cg, list(per_module)).items():
         for r in roots.tolist():
-            if r in cg.unit_group:
-                group_ratio[cg.unit_group[r]] = per_module[name]
+            if cg.group_of[r] >= 0:
+                group_ratio[int(cg.group_of[r])] = per_module[name]
     removed = select(cg, score, ratio=ratio, group_ratio=group_ratio, frozen=frozen,
                      global_pruning=global_pruning, max_ratio=max_ratio, round_to=round_to)
     removed = keep_every_dim(cg, removed, score, max_ratio)

@@ -75,10 +75,10 @@ class Ctx:
         self.node: fx.Node | None = None
 
     # -- relating atoms -------------------------------------------------------------------
-    def pin(self, atoms: np.ndarray, reason: str) -> None:
+    def pin(self, atoms: np.ndarray, reason) -> None:
         atoms = atoms[atoms != 0]
         if atoms.size:
-            self.pins.append(PinRecord(atoms, reason, self.node.name if self.node else ""))
+            self.pins.append(PinRecord(atoms, str(reason), self.node.name if self.node else ""))
 
     def pin_value(self, value: Any, reason: str) -> None:
         for arr in iter_arrays(value):
@@ -87,9 +87,9 @@ class Ctx:
     def unify(self, a: np.ndarray, b: np.ndarray, reason: str | None = None) -> None:
         L.unify(self.uf, self.pin, a, b, reason or self.why("meets a non-channel dim"))
 
-    def why(self, what: str) -> str:
-        n = self.node
-        return f"{what} at node '{n.name}' ({describe_target(n)})" if n is not None else what
+    def why(self, what: str) -> "Why":
+        """The reason `what` at the current node; its text is made only if a pin records it."""
+        return Why(what, self.node)
 
     def reduce(self, arg: int, dims: Iterable[int], kind: str, value: L.Labels) -> None:
         dims = tuple(d % len(value) for d in dims)
@@ -156,6 +156,20 @@ class Ctx:
 
     def unlabeled_like(self, node: fx.Node) -> Any:
         return map_meta(node.meta.get("tensor_meta"), lambda m: L.unlabeled(m.shape))
+
+
+class Why:
+    """A pin reason, formatted when used (rules name a reason for every unification, and
+    almost none of them ends in a pin)."""
+
+    __slots__ = ("what", "node")
+
+    def __init__(self, what: str, node: fx.Node | None):
+        self.what, self.node = what, node
+
+    def __str__(self) -> str:
+        n = self.node
+        return f"{self.what} at node '{n.name}' ({describe_target(n)})" if n is not None else self.what
 
 
 def attr_at(root: Any, dotted: str) -> Any:
@@ -241,13 +255,18 @@ class ChannelGraph:
     roots: np.ndarray = None  # atom -> class root
     units: np.ndarray = None  # roots of removable classes
     groups: list = None
-    unit_group: dict = None  # root -> group id
+    group_of: np.ndarray = None  # per root: its group id, -1 if not a unit
     pinned_roots: np.ndarray = None
     pin_reason: dict = None  # root -> PinRecord
 
     @property
     def gm(self) -> fx.GraphModule:
         return self.traced.gm
+
+    @property
+    def unit_group(self) -> dict:
+        """Unit root -> group id, as a dict."""
+        return dict(zip(self.units.tolist(), self.group_of[self.units].tolist()))
 
     def classes(self, atoms: np.ndarray) -> np.ndarray:
         return self.roots[atoms]
@@ -323,8 +342,7 @@ def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
     cg.pin_reason = {}
     for rec in ctx.pins:
         r = roots[rec.atoms]
-        for root in L.unique(r[~pinned[r]]).tolist():
-            cg.pin_reason[root] = rec
+        cg.pin_reason.update(dict.fromkeys(L.unique(r[~pinned[r]]).tolist(), rec))
         pinned[r] = True
     pinned[0] = True
     cg.pinned_roots = np.flatnonzero(pinned & (roots == np.arange(uf.size)))
@@ -340,17 +358,24 @@ def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
     groups_uf.size = uf.size
     heads: list[tuple[int, str]] = []
     in_producer = np.zeros(uf.size, dtype=bool)
-    dims = [(f"{name}[{d}]", arr) for name, labs in ctx.param_labels.items()
+    dims = [((name, d), arr) for name, labs in ctx.param_labels.items()
             for d, arr in enumerate(labs) if (name, d) not in ctx.passive and arr.any()]
-    for label, arr in dims + ctx.producers:
-        r = L.unique(roots[arr])
-        r = r[~pinned[r] & in_act[r]]
-        if r.size == 0:
-            continue
+    dims += ctx.producers
+    if dims:  # all dims at once: each dim's classes (unpinned, in an activation) join its smallest
+        lengths = np.fromiter((len(a) for _, a in dims), dtype=np.int64, count=len(dims))
+        r = roots[np.concatenate([a for _, a in dims])]
+        dim = np.repeat(np.arange(len(dims)), lengths)
+        ok = ~pinned[r] & in_act[r]
+        r, dim = r[ok], dim[ok]
+        order = np.lexsort((r, dim))
+        r, dim = r[order], dim[order]
+        starts = np.flatnonzero(np.concatenate([[True], dim[1:] != dim[:-1]])) if r.size else np.zeros(0, np.int64)
+        first = r[starts]  # smallest class of each dim
         in_producer[r] = True
-        if r.size > 1:
-            groups_uf.union(np.full(r.size - 1, r[0]), r[1:])
-        heads.append((int(r[0]), label))
+        groups_uf.union(np.repeat(first, np.diff(np.append(starts, r.size))), r)
+        for root, i in zip(first.tolist(), dim[starts].tolist()):
+            label = dims[i][0]
+            heads.append((root, f"{label[0]}[{label[1]}]" if isinstance(label, tuple) else label))
     units = np.flatnonzero(in_producer)
     reps, gid = np.unique(groups_uf.find(units), return_inverse=True)  # ordered by smallest unit
     order = np.argsort(gid, kind="stable")
@@ -362,5 +387,6 @@ def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
     cg.units = units
     cg.groups = [Group(g, units[order[bounds[g]:bounds[g + 1]]], names.get(int(rep), []))
                  for g, rep in enumerate(reps.tolist())]
-    cg.unit_group = dict(zip(units.tolist(), gid.tolist()))
+    cg.group_of = np.full(uf.size, -1, dtype=np.int64)
+    cg.group_of[units] = gid
     return cg
