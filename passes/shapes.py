@@ -48,6 +48,8 @@ def meta_like(x: torch.Tensor) -> torch.Tensor:
 
 def _dense(x: torch.Tensor) -> bool:
     """Non-overlapping and dense (any dim order): the layouts elementwise kernels keep."""
+    if x.is_contiguous():
+        return True
     expected = 1
     for stride, size in sorted((t, s) for s, t in zip(x.shape, x.stride()) if s != 1):
         if stride != expected:
@@ -57,7 +59,7 @@ def _dense(x: torch.Tensor) -> bool:
 
 
 def _float_meta(x) -> bool:
-    return isinstance(x, torch.Tensor) and x.device.type == "meta" and x.dtype == torch.float32
+    return isinstance(x, torch.Tensor) and x.is_meta and x.dtype == torch.float32
 
 
 def fast_meta(op: str, target, module: nn.Module | None, args: tuple, kwargs: dict):

@@ -291,7 +291,9 @@ def _run(gm: fx.GraphModule, inputs: tuple, modules: dict, *, meta: bool, fast: 
             elif op == "output":
                 result = map_arg(n.args[0], env.__getitem__)
             else:
-                args = _thaw(map_arg(n.args, env.__getitem__))
+                args = _fetch(n.args, env)
+                if args is None:
+                    args = _thaw(map_arg(n.args, env.__getitem__))
                 kwargs = _thaw(dict(map_arg(n.kwargs, env.__getitem__))) if n.kwargs else {}
                 module = modules[n.target] if op == "call_module" else None
                 hit = fast_meta(op, n.target, module, args, kwargs) if fast else None
@@ -311,6 +313,21 @@ def _run(gm: fx.GraphModule, inputs: tuple, modules: dict, *, meta: bool, fast: 
         for done in last_use.get(n, ()):
             del env[done]
     return macs
+
+
+def _fetch(args: tuple, env: dict):
+    """The node's argument values when they are nodes and plain numbers (the common case), or
+    None: then fx's map_arg builds them (nested lists, slices, ...)."""
+    out = []
+    for a in args:
+        kind = type(a)
+        if kind is fx.Node:
+            out.append(env[a])
+        elif kind in _PLAIN:
+            out.append(a)
+        else:
+            return None
+    return tuple(out)
 
 
 def _call(op: str, target, module, args, kwargs, meta: bool):
@@ -379,7 +396,11 @@ def tensor_metadata(t: torch.Tensor):
     the tensor's own C++ `is_contiguous(memory_format=...)` answers the same question."""
     if t.is_quantized or t.layout != torch.strided:
         return _extract_tensor_metadata(t)
-    fmt = next((f for f in _FORMATS if t.is_contiguous(memory_format=f)), None)
+    fmt = None
+    for f in _FORMATS:
+        if t.is_contiguous(memory_format=f):
+            fmt = f
+            break
     return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
 
 
