@@ -21,33 +21,33 @@ from .labels import flagged_per_array
 CRITERIA = ("l1", "l2", "random")
 
 
-def _slice_norms(t: torch.Tensor, dims: list[int], kind: str, scratch: torch.Tensor) -> list[np.ndarray]:
-    """L1 or L2 norm of every slice along each of `dims`.
+def _slice_sums(t: torch.Tensor, dims: list[int], kind: str, scratch: torch.Tensor) -> list[torch.Tensor]:
+    """Sum of |w| (l1) or of w^2 (l2) over every slice along each of `dims`, float32, of a
+    tensor with at least 2 dims.
 
     |w| or w^2 is written once into `scratch` (a buffer reused across tensors: a fresh one per
     tensor spent its time in page faults), then viewed as (before, d, after) and summed over the
     leading block first (row adds), then the trailing one. Measured on resnet50's convs: 3-4x
     faster than `linalg.vector_norm` per dim, whose reductions over inner dims are strided."""
-    if t.dim() == 1:  # a bias or norm affine vector: each slice is one number
-        return [np.abs(t.detach().numpy()).astype(np.float64)]
-    with torch.no_grad():
-        x = t.detach().contiguous()
-        p = scratch[: x.numel()].view(x.shape)
-        torch.abs(x, out=p) if kind == "l1" else torch.square(x, out=p)
-        out = []
-        for d in dims:
-            n = x.shape[d]
-            q = p.view(math.prod(x.shape[:d]), n, -1)
-            s = (q.sum(0) if q.shape[0] > 1 else q[0]).sum(1)
-            out.append((s if kind == "l1" else s.sqrt()).double().numpy())
+    x = t.detach().contiguous()
+    p = scratch[: x.numel()].view(x.shape)
+    torch.abs(x, out=p) if kind == "l1" else torch.square(x, out=p)
+    out = []
+    for d in dims:
+        q = p.view(math.prod(x.shape[:d]), x.shape[d], -1)
+        out.append((q.sum(0) if q.shape[0] > 1 else q[0]).sum(1))
     return out
 
 
+@torch.no_grad()
 def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray:
     """Score per atom-class root (index by unit root); only `cg.units` entries are meaningful.
 
     Also refuses NaN/Inf weights and buffers (`InputError` naming the tensor): the slice norms
-    computed for scoring read every scored parameter anyway, so only the rest is summed here."""
+    computed for scoring read every scored parameter anyway, so only the rest is summed here.
+    The per-slice sums of all tensors are joined before the square roots, the conversion to
+    float64 and the finiteness test (one op each instead of one per parameter dim); a bias or
+    norm vector's slices are its entries, taken for all vectors at once."""
     if criterion not in CRITERIA:
         raise InputError(f"importance must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     out = np.zeros(cg.uf.size, dtype=np.float64)
@@ -62,26 +62,34 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
     scored = [(name, labs) for name, labs in cg.param_labels.items() if name in params and name in tensors]
     arrays = [arr for _, labs in scored for arr in labs]
     has_units = iter(flagged_per_array(arrays, is_unit[cg.roots])[1].tolist() if arrays else ())
+    sums, sum_roots, vectors, vector_roots = [], [], [], []
     work = []
     for name, labs in scored:
         dims = [d for d in range(len(labs)) if next(has_units)]  # pinned dims score nothing
         if dims:
-            work.append((name, tensors[name], labs, dims))
-    roots, norms = [], []
-    if work:
-        scratch = torch.empty(max(t.numel() for _, t, _, _ in work), dtype=torch.float32)
-        for name, t, labs, dims in work:
-            per_dim = _slice_norms(t, dims, criterion, scratch)
-            if not np.isfinite(per_dim[0]).all():  # every element is in one slice of each dim
-                check_finite({name: t})
-            del tensors[name]
-            for d, n in zip(dims, per_dim):
-                roots.append(cg.roots[labs[d]])
-                norms.append(n)
-    check_finite(tensors)
-    if not norms:
+            work.append((name, tensors.pop(name), labs, dims))
+    if not work:
+        check_finite(tensors)
         return out
-    return np.bincount(np.concatenate(roots), np.concatenate(norms), minlength=cg.uf.size)
+    scratch = torch.empty(max((t.numel() for _, t, _, _ in work if t.dim() > 1), default=0))
+    for name, t, labs, dims in work:
+        if t.dim() == 1:
+            vectors.append(t.detach())
+            vector_roots.append(cg.roots[labs[0]])
+            continue
+        sums += _slice_sums(t, dims, criterion, scratch)
+        sum_roots += [cg.roots[labs[d]] for d in dims]
+    norms = []
+    if sums:
+        s = torch.cat(sums)
+        norms.append((s if criterion == "l1" else s.sqrt()).double().numpy())
+    if vectors:
+        norms.append(torch.cat(vectors).abs().double().numpy())
+    norms = np.concatenate(norms)
+    if not np.isfinite(norms).all():  # every element is in one slice of each dim: name the tensor
+        check_finite({name: t for name, t, _, _ in work})
+    check_finite(tensors)
+    return np.bincount(np.concatenate(sum_roots + vector_roots), norms, minlength=cg.uf.size)
 
 
 def float_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
