@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterable
 
 import numpy as np
@@ -262,6 +263,18 @@ class ChannelGraph:
     @property
     def gm(self) -> fx.GraphModule:
         return self.traced.gm
+
+    @cached_property
+    def param_segments(self) -> L.Segments:
+        """Every non-empty dim of the labelled parameters, buffers and constants, keyed (name, dim)."""
+        dims = [((name, d), arr) for name, labs in self.param_labels.items() for d, arr in enumerate(labs) if len(arr)]
+        return L.Segments([a for _, a in dims], [k for k, _ in dims])
+
+    @cached_property
+    def label_segments(self) -> L.Segments:
+        """Every non-empty label array: of the node values (sizes excluded), then of the parameters."""
+        arrays = [a for v in self.values.values() for a in iter_arrays(v, sizes=False) if len(a)]
+        return L.Segments(arrays + self.param_segments.arrays)
 
     @property
     def unit_group(self) -> dict:

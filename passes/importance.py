@@ -16,7 +16,6 @@ import torch
 
 from .channels import ChannelGraph
 from .errors import InputError
-from .labels import flagged_per_array
 
 CRITERIA = ("l1", "l2", "random")
 
@@ -59,15 +58,15 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
         return out
     is_unit = np.zeros(cg.uf.size, dtype=bool)
     is_unit[cg.units] = True
-    scored = [(name, labs) for name, labs in cg.param_labels.items() if name in params and name in tensors]
-    arrays = [arr for _, labs in scored for arr in labs]
-    has_units = iter(flagged_per_array(arrays, is_unit[cg.roots])[1].tolist() if arrays else ())
+    seg = cg.param_segments
+    with_units: dict[str, list[int]] = {}  # per parameter, its dims with units (pinned dims score nothing)
+    if seg.arrays:
+        for i in np.flatnonzero(seg.count(is_unit[cg.roots])[0]).tolist():
+            name, d = seg.keys[i]
+            with_units.setdefault(name, []).append(d)
+    work = [(name, tensors.pop(name), cg.param_labels[name], dims) for name, dims in with_units.items()
+            if name in params and name in tensors]
     sums, sum_roots, vectors, vector_roots = [], [], [], []
-    work = []
-    for name, labs in scored:
-        dims = [d for d in range(len(labs)) if next(has_units)]  # pinned dims score nothing
-        if dims:
-            work.append((name, tensors.pop(name), labs, dims))
     if not work:
         check_finite(tensors)
         return out

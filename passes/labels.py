@@ -84,15 +84,29 @@ def unique(a: np.ndarray, return_counts: bool = False):
     return s[starts], np.diff(np.append(starts, s.size))
 
 
-def flagged_per_array(arrays: Sequence[np.ndarray], atom_flag: np.ndarray):
-    """(lengths, flagged count per array, the flags of all arrays concatenated) for a boolean
-    flag per atom, counted in one vectorised pass over the concatenation (one cumulative sum,
-    read at the array ends). `arrays` must not be empty."""
-    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
-    ends = np.cumsum(lengths)
-    flat = atom_flag[np.concatenate(arrays)]
-    count = np.concatenate([[0], np.cumsum(flat)])
-    return lengths, count[ends] - count[ends - lengths], flat
+class Segments:
+    """Label arrays concatenated once, to count flagged atoms per array in one vectorised pass
+    (one gather, one cumulative sum read at the array ends) however many arrays there are."""
+
+    def __init__(self, arrays: Sequence[np.ndarray], keys: Sequence = ()):
+        self.arrays, self.keys = list(arrays), list(keys)
+        self.lengths = np.fromiter(map(len, self.arrays), dtype=np.int64, count=len(self.arrays))
+        self.ends = np.cumsum(self.lengths)
+        self.atoms = np.concatenate(self.arrays) if self.arrays else np.zeros(0, np.int64)
+
+    def count(self, atom_flag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(flagged atoms per array, the flags of all arrays concatenated)."""
+        flat = atom_flag[self.atoms]
+        total = np.concatenate([[0], np.cumsum(flat)])
+        return total[self.ends] - total[self.ends - self.lengths], flat
+
+    def positions(self, flat: np.ndarray, which: np.ndarray) -> list[np.ndarray]:
+        """For the arrays `which` (indices): the positions inside each whose flag in `flat`
+        (as returned by `count`) is set, from one nonzero pass over the concatenation."""
+        hits = np.flatnonzero(flat)
+        starts = self.ends - self.lengths
+        lo, hi = np.searchsorted(hits, starts[which]), np.searchsorted(hits, self.ends[which])
+        return [hits[a:b] - s for a, b, s in zip(lo.tolist(), hi.tolist(), starts[which].tolist())]
 
 
 def zeros(n: int) -> np.ndarray:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .channels import ChannelGraph, describe_target, iter_arrays
+from .channels import ChannelGraph, describe_target
 from .errors import PlanError
-from .labels import flagged_per_array, unique
+from .labels import unique
 from .trace import Traced
 
 
@@ -92,11 +92,11 @@ def keep_every_dim(cg: ChannelGraph, removed: np.ndarray, score: np.ndarray, max
     units back never makes another dim short)."""
     root_removed = np.zeros(cg.uf.size, dtype=bool)
     root_removed[removed] = True
-    arrays = [a for v in cg.values.values() for a in iter_arrays(v, sizes=False) if len(a)]
-    arrays += [a for labs in cg.param_labels.values() for a in labs if len(a)]
-    if not arrays:
+    seg = cg.label_segments
+    if not seg.arrays:
         return removed
-    lengths, gone, _ = flagged_per_array(arrays, root_removed[cg.roots])
+    lengths, arrays = seg.lengths, seg.arrays
+    gone, _ = seg.count(root_removed[cg.roots])
     kept = lengths - gone
     need = np.maximum(1, np.ceil(lengths * (1 - max_ratio) - 1e-9).astype(np.int64))
     for i in np.flatnonzero(kept < need).tolist():
@@ -138,8 +138,8 @@ class Plan:
     @classmethod
     def from_units(cls, cg: ChannelGraph, removed_roots: np.ndarray, settings: dict) -> "Plan":
         removed: dict[str, dict[int, list[int]]] = {}
-        for name, d, cut in cut_dims(cg, removed_mask(cg, removed_roots)):
-            removed.setdefault(name, {})[d] = np.flatnonzero(cut).tolist()
+        for name, d, positions in cut_dims(cg, removed_mask(cg, removed_roots)):
+            removed.setdefault(name, {})[d] = positions.tolist()
         return cls(removed, fingerprint(cg.traced), settings)
 
     def to_units(self, cg: ChannelGraph) -> np.ndarray:
@@ -187,17 +187,16 @@ def _normalise(removed: dict) -> dict:
     return {k: {int(d): list(v) for d, v in dims.items()} for k, dims in removed.items()}
 
 
-def cut_dims(cg: ChannelGraph, atom_removed: np.ndarray):
-    """(name, dim, removed positions as a mask) for every labelled tensor dim that loses
-    positions, given a removed flag per atom. All dims are counted in one vectorised pass."""
-    dims = [(name, d, arr) for name, labs in cg.param_labels.items() for d, arr in enumerate(labs) if len(arr)]
-    if not dims:
-        return
-    lengths, gone, flat = flagged_per_array([a for _, _, a in dims], atom_removed)
-    ends = np.cumsum(lengths)
-    for i in np.flatnonzero(gone).tolist():
-        name, d, _ = dims[i]
-        yield name, d, flat[ends[i] - lengths[i]:ends[i]]
+def cut_dims(cg: ChannelGraph, atom_removed: np.ndarray, kept: bool = False) -> list:
+    """(name, dim, positions) for every labelled tensor dim that loses positions, given a
+    removed flag per atom: the removed positions, or with `kept` the kept ones (int64 arrays).
+    All dims are counted and located in one vectorised pass."""
+    seg = cg.param_segments
+    if not seg.arrays:
+        return []
+    gone, flat = seg.count(atom_removed)
+    which = np.flatnonzero(gone)
+    return [(*seg.keys[i], p) for i, p in zip(which.tolist(), seg.positions(~flat if kept else flat, which))]
 
 
 def removed_mask(cg: ChannelGraph, removed_roots: np.ndarray) -> np.ndarray:

@@ -73,8 +73,8 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, also: list[torch.nn.Mod
     owned = {**cg.traced.params, **cg.traced.buffers}
     new_by_old: dict[int, torch.Tensor] = {}
     cut: dict[str, list] = {}  # name -> [(dim, kept indices)] for the dims that lose positions
-    for name, d, gone in cut_dims(cg, removed):
-        cut.setdefault(name, []).append((d, torch.from_numpy(np.flatnonzero(~gone))))
+    for name, d, kept in cut_dims(cg, removed, kept=True):
+        cut.setdefault(name, []).append((d, torch.from_numpy(kept)))
     work = []
     for name, keep in cut.items():
         old = owned.get(name)
