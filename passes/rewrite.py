@@ -16,6 +16,7 @@ deep copy of the model unless the caller asked for `inplace=True`.
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,17 @@ class RewriteCtx:
         return ~self.removed[arr]
 
     def count(self, arr: np.ndarray) -> int:
-        return len(arr) - int(np.count_nonzero(self.removed[arr]))
+        kept = self.kept.get(id(arr))
+        return len(arr) - int(np.count_nonzero(self.removed[arr])) if kept is None else kept
+
+    @cached_property
+    def kept(self) -> dict[int, int]:
+        """Kept positions of every label array of the analysis, by id (the arrays live as long
+        as the analysis), counted in one vectorised pass."""
+        seg = self.cg.label_segments
+        if not seg.arrays:
+            return {}
+        return dict(zip(map(id, seg.arrays), (seg.lengths - seg.count(self.removed)[0]).tolist()))
 
     def labels_of(self, n: Any):
         return self.cg.values.get(n.name) if isinstance(n, fx.Node) else None
@@ -108,7 +119,7 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, also: list[torch.nn.Mod
                     if t is not None and id(t) in new_by_old:
                         store[k] = new_by_old[id(t)]
             for k, v in list(vars(mod).items()):  # graph constants, and other references
-                if isinstance(v, torch.Tensor) and id(v) in new_by_old:
+                if id(v) in new_by_old:  # the old tensors are alive: an equal id is the same object
                     setattr(mod, k, new_by_old[id(v)])
 
 
