@@ -51,7 +51,10 @@ def _unary(ctx, node):
     first = ctx.labels(node.args[0]) if node.args else None
     if meta is None or first is None or not hasattr(meta, "shape"):
         return None
-    return broadcast(ctx, [first], tuple(meta.shape))
+    shape = tuple(meta.shape)
+    if len(first) == len(shape) and all(len(a) == n and (n > 1 or not a[0]) for a, n in zip(first, shape)):
+        return tuple(a if n > 1 else L.zeros(1) for a, n in zip(first, shape))  # what broadcast returns
+    return broadcast(ctx, [first], shape)
 
 
 def _arith(ctx, node):

@@ -141,11 +141,12 @@ def _embedding_rewrite(rctx, node):
 
 
 def _channel_params(ctx, m, x_ch, names):
+    reason = ctx.why("norm parameter")
     for name in names:
         t = getattr(m, name, None)
-        if isinstance(t, torch.Tensor) and t.dim() == 1 and len(t) == len(x_ch):
-            ctx.tie(t, (x_ch,), ctx.why("norm parameter"))
-            ctx.mark_passive(m, name)
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == len(x_ch):
+            ctx.tie(t, (x_ch,), reason)
+            ctx.mark_passive(None, t)
 
 
 def _batch_norm(ctx, node):
