@@ -506,3 +506,31 @@ def test_tracer_shortcuts_build_fx_own_graph(name):
     ours, theirs = _Tracer().trace(model), fx.Tracer().trace(model)
     assert str(ours) == str(theirs)
     assert [n.meta.get("nn_module_stack") for n in ours.nodes] == [None] * len(ours.nodes)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.register_buffer("scale", torch.ones(4))
+        self.b.register_buffer("scale", self.scale)
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.b.scale) * self.scale
+
+
+@pytest.mark.parametrize("name", ["tied", "shared", "loose_params", "transformer_encoder", "norms"])
+def test_traced_tables_list_what_torch_lists(name):
+    """The tables read once after tracing hold what named_modules/parameters/buffers give, in
+    the same order, each tied tensor once under its first name."""
+    from passes.trace import trace
+
+    factory, inputs = STRUCTURES.get(name, (Tied, lambda: torch.randn(2, 4)))
+    t = trace(factory().eval(), inputs())
+    if name == "tied":
+        assert len(list(t.gm.named_parameters(remove_duplicate=False))) > len(t.params)
+        assert len(list(t.gm.named_buffers(remove_duplicate=False))) > len(t.buffers)
+    assert list(t.modules.items()) == list(t.gm.named_modules())
+    assert list(t.params.items()) == list(t.gm.named_parameters())
+    assert list(t.buffers.items()) == list(t.gm.named_buffers())
