@@ -2,7 +2,9 @@
 
 On meta tensors most of a forward's cost is torch's Python meta kernels: measured on resnet50
 (224x224), BatchNorm2d took 1.2 ms per call on meta, Conv2d 0.12 ms, a residual add 0.23 ms,
-while the formula below costs a few microseconds. `fast_meta` returns the output of a node
+while the formula below costs a few microseconds; a pooling layer or a flatten that ran its
+kernel cost 0.4-0.8 ms each (the three in resnet50 were half of its meta pass).
+`fast_meta` returns the output of a node
 (a meta tensor) and its MACs, or None when the op is not one of these, or when anything about
 the call (a subclass, a padding mode, a dtype, a size that does not fit) is outside the
 formula: then the op itself runs on meta tensors, exactly as before, and raises if it must.
@@ -10,7 +12,7 @@ formula: then the op itself runs on meta tensors, exactly as before, and raises 
 MACs equal what `torch.utils.flop_counter.FlopCounterMode` counts for the same call
 (`passes.count`): conv = batch x prod(weight shape) x prod(output spatial), linear = rows x
 in x out, attention = its projections plus 2 x batch x queries x keys x head width per head,
-normalisation, activations and elementwise arithmetic 0. Channel counts come from the weights,
+normalisation, activations, pooling, flatten and elementwise arithmetic 0. Channel counts come from the weights,
 as in the functional ops, never from module attributes. tests/test_core.py and
 tests/test_torchvision.py compare every node's tensor_meta (strides included) and the MACs with
 the plain meta pass, on whole models, before and after pruning.
@@ -33,6 +35,9 @@ _BN_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _ATTENTION = (nn.MultiheadAttention, SlimMultiheadAttention)
 _ARITH = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
+_MAX_POOL = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_AVG_POOL = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_ADAPTIVE_AVG_POOL = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
 
 
 def _meta(shape, dtype) -> torch.Tensor:
@@ -70,6 +75,8 @@ def fast_meta(op: str, target, module: nn.Module | None, args: tuple, kwargs: di
         if kwargs or len(args) != 1 or not _float_meta(args[0]) or not _dense(args[0]):
             return None
         return _module(module, args[0])
+    if (op == "call_function" and target is torch.flatten) or (op == "call_method" and target == "flatten"):
+        return _flatten(args, kwargs)
     if op == "call_function" and target in _ARITH and not kwargs and len(args) == 2:
         a, b = args
         if _float_meta(a) and _float_meta(b) and a.shape == b.shape and a.stride() == b.stride() and _dense(a):
@@ -106,7 +113,72 @@ def _module(m: nn.Module, x: torch.Tensor):
         return _meta((*x.shape[:-1], out_f), x.dtype), math.prod(x.shape[:-1]) * in_f * out_f
     if kind in _CONV_DIMS:
         return _conv(m, x, _CONV_DIMS[kind])
+    if kind in _MAX_POOL and not m.return_indices:
+        return _pool(x, _MAX_POOL[kind], m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    if kind in _AVG_POOL:
+        return _pool(x, _AVG_POOL[kind], m.kernel_size, m.stride, m.padding, 1, m.ceil_mode)
+    if kind in _ADAPTIVE_AVG_POOL:
+        return _adaptive_pool(x, _ADAPTIVE_AVG_POOL[kind], m.output_size)
+    if kind is nn.Flatten:
+        return _flatten((x, m.start_dim, m.end_dim), {})
     return None
+
+
+def _tuple(v, nd: int):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+
+
+def _pool(x: torch.Tensor, nd: int, kernel, stride, padding, dilation, ceil_mode: bool):
+    """Max/avg pooling of a batched contiguous input: torch's pooling_output_shape (floor, or
+    ceil without a last window that starts in the right padding); pooling counts no MACs."""
+    k, st, pad, dil = (_tuple(v, nd) for v in (kernel, stride if stride else kernel, padding, dilation))
+    if x.dim() != nd + 2 or not x.is_contiguous() or not all(len(v) == nd for v in (k, st, pad, dil)):
+        return None
+    if not all(type(v) is int for v in (*k, *st, *pad, *dil)) or min(*k, *st, *dil) <= 0:
+        return None
+    spatial = []
+    for size, k_, s_, p_, d_ in zip(x.shape[2:], k, st, pad, dil):
+        if p_ > k_ // 2:
+            return None  # the op raises its own error
+        out = (size + 2 * p_ - d_ * (k_ - 1) - 1 + (s_ - 1 if ceil_mode else 0)) // s_ + 1
+        if ceil_mode and (out - 1) * s_ >= size + p_:
+            out -= 1
+        if out < 1:
+            return None
+        spatial.append(out)
+    return _meta((*x.shape[:2], *spatial), x.dtype), 0
+
+
+def _adaptive_pool(x: torch.Tensor, nd: int, output_size):
+    """Adaptive average pooling of a batched contiguous input (None keeps the input's size)."""
+    size = _tuple(output_size, nd)
+    if x.dim() != nd + 2 or not x.is_contiguous() or len(size) != nd:
+        return None
+    spatial = tuple(x.shape[2 + i] if v is None else v for i, v in enumerate(size))
+    if not all(type(v) is int and v > 0 for v in spatial) or min(x.shape[1:], default=1) <= 0:
+        return None
+    return _meta((*x.shape[:2], *spatial), x.dtype), 0
+
+
+def _flatten(args: tuple, kwargs: dict):
+    """torch.flatten / Tensor.flatten / nn.Flatten of a contiguous tensor: a view with the
+    merged dims' size, contiguous like its input."""
+    names = ("input", "start_dim", "end_dim")
+    call = dict(zip(names, args))
+    if len(args) > 3 or set(call) & set(kwargs) or set(kwargs) - set(names[1:]):
+        return None
+    call.update(kwargs)
+    x, start, end = call.get("input"), call.get("start_dim", 0), call.get("end_dim", -1)
+    if not (_float_meta(x) and x.is_contiguous() and type(start) is int and type(end) is int and x.dim() > 0):
+        return None
+    n = x.dim()
+    if not (-n <= start < n and -n <= end < n):
+        return None
+    start, end = start % n, end % n
+    if start > end:
+        return None
+    shape = (*x.shape[:start], math.prod(x.shape[start:end + 1]), *x.shape[end + 1:])
+    return _meta(shape, x.dtype), 0
 
 
 def _conv(m, x: torch.Tensor, nd: int):

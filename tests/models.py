@@ -338,6 +338,35 @@ class Convs(nn.Module):
         return a, c
 
 
+class Pools(nn.Module):
+    """Max/avg pooling (ceil mode, padding, dilation, 1-d and 3-d), adaptive pooling with a kept
+    size, and flatten as a function, a method and a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = cbr(3, 8)
+        self.p1 = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+        self.p2 = nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False)
+        self.p3 = nn.MaxPool2d(2, stride=1, dilation=2)
+        self.a = nn.AdaptiveAvgPool2d((3, None))
+        self.c1 = nn.Conv1d(8, 8, 3)
+        self.p4 = nn.MaxPool1d(2, ceil_mode=True)
+        self.p5 = nn.AvgPool1d(3, 1, 1)
+        self.c3 = nn.Conv3d(8, 6, 1)
+        self.p6 = nn.MaxPool3d((1, 2, 2), padding=(0, 1, 1))
+        self.a3 = nn.AdaptiveAvgPool3d(1)
+        self.f = nn.Flatten()
+        self.fc = nn.Linear(8 * 4 + 6, 10)
+
+    def forward(self, x):
+        x = self.p3(self.p2(self.p1(self.c(x))))  # [B, 8, 3, 3]
+        v = self.c3(x.unsqueeze(2))  # [B, 6, 1, 3, 3]
+        v = torch.flatten(self.a3(self.p6(v)), 1)  # [B, 6]
+        y = torch.flatten(self.a(x), 2)  # [B, 8, 9]
+        y = self.p5(self.p4(self.c1(y)))  # [B, 8, 4]
+        return self.fc(torch.cat([self.f(y), v.flatten(1)], 1))
+
+
 class Embed(nn.Module):
     def __init__(self):
         super().__init__()
@@ -403,6 +432,7 @@ STRUCTURES = {
     "transformer_seq_first_decoder": (lambda: Transformer(batch_first=False, norm_first=True, decoder=True),
                                       lambda: torch.randn(2, 10, 6)),
     "convs": (Convs, lambda: (torch.randn(2, 4, 20), torch.randn(2, 2, 6, 8, 8))),
+    "pools": (Pools, image),
     "embedding": (Embed, lambda: torch.randint(0, 50, (2, 7))),
     "dict_outputs": (DictOut, image),
 }

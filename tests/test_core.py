@@ -534,3 +534,17 @@ def test_traced_tables_list_what_torch_lists(name):
     assert list(t.modules.items()) == list(t.gm.named_modules())
     assert list(t.params.items()) == list(t.gm.named_parameters())
     assert list(t.buffers.items()) == list(t.gm.named_buffers())
+
+
+def test_pooling_and_flatten_take_the_formula_path(monkeypatch):
+    """Every module of the pooling structure (pools of each kind and rank, flatten) and every
+    flatten call has a formula: none of them runs torch's meta kernel (which the test above
+    would not notice, comparing the formulas with the kernels)."""
+    import passes.trace as T
+
+    ran = []
+    real_call = T._call
+    monkeypatch.setattr(T, "_call", lambda op, target, *a: ran.append((op, target)) or real_call(op, target, *a))
+    model, x = _build("pools")
+    T.trace(model, (x,))
+    assert ran and all(op != "call_module" and "flatten" not in str(target) for op, target in ran), ran

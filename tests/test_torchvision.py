@@ -80,9 +80,10 @@ def _metas(gm, x, fast):
     return macs, {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "convnext_tiny", "vit_b_16", "swin_t"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "googlenet", "convnext_tiny", "vit_b_16", "swin_t"])
 def test_closed_form_shapes_equal_torch_meta_kernels(name):
-    """passes.shapes' formulas (convs, linears, norms, activations, arithmetic, attention) give
+    """passes.shapes' formulas (convs, linears, norms, activations, arithmetic, attention,
+    pooling, flatten) give
     every node the tensor_meta (shape, dtype, strides) and MACs torch's own kernels give, on the
     original and on the pruned model (SlimMultiheadAttention, window_attention)."""
     from passes.count import count_macs
