@@ -548,3 +548,35 @@ def test_pooling_and_flatten_take_the_formula_path(monkeypatch):
     model, x = _build("pools")
     T.trace(model, (x,))
     assert ran and all(op != "call_module" and "flatten" not in str(target) for op, target in ran), ran
+
+
+class LayoutEdges(nn.Module):
+    """Formula edge cases: inputs that also read as channels-last, channels-last inputs,
+    broadcasting in either operand order, permutes of views, functional layer norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(8, 1, 1))
+        self.w, self.b = nn.Parameter(torch.randn(16)), nn.Parameter(torch.randn(16))
+
+    def forward(self, x):  # [B, 8, 4, 4]
+        g = x.mean((2, 3), keepdim=True)  # [B, 8, 1, 1]: contiguous and channels-last alike
+        pooled = torch.cat([g, g * 2], 1)
+        last = x.contiguous(memory_format=torch.channels_last)
+        mixed = torch.cat([last, x], dim=1) + torch.cat((x, x), -1).narrow(-1, 0, 4).repeat(1, 2, 1, 1)
+        gated = g * x + x * g + self.scale * x + x.transpose(2, 3) * g
+        seq = x.flatten(2).permute(0, 2, 1)  # [B, 16, 8], a view
+        normed = F.layer_norm(seq.transpose(1, 2), (16,), self.w, self.b) + F.layer_norm(seq.permute(2, 0, 1), [16]).transpose(0, 1)
+        return pooled.sum() + mixed.sum() + gated.sum() + normed.sum() + torch.permute(seq, (1, 0, 2)).sum()
+
+
+def test_layout_edge_cases_keep_torch_meta_kernels_layouts():
+    from passes.trace import propagate_shapes, trace
+
+    x = torch.randn(2, 8, 4, 4)
+    gm = trace(LayoutEdges(), (x,)).gm
+    runs = []
+    for fast in (False, True):
+        macs = propagate_shapes(gm, (x,), fast=fast)
+        runs.append((macs, {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}))
+    assert runs[0] == runs[1]

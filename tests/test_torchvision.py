@@ -80,7 +80,7 @@ def _metas(gm, x, fast):
     return macs, {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "googlenet", "convnext_tiny", "vit_b_16", "swin_t"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "densenet121", "googlenet", "convnext_tiny", "vit_b_16", "swin_t"])
 def test_closed_form_shapes_equal_torch_meta_kernels(name):
     """passes.shapes' formulas (convs, linears, norms, activations, arithmetic, attention,
     pooling, flatten) give
