@@ -194,11 +194,11 @@ def _finish(reference, cg, removed, plan, inputs, caller_model, verify, atol, rt
     """Rewrite, count, verify. `caller_model` is set when in place: its tensors are sliced too."""
     params0, macs0 = sum(p.numel() for p in cg.traced.params.values()), cg.traced.macs
     widths0 = _widths(cg.traced.modules.items())
-    new, macs1 = rewrite.apply(cg, removed, also=[caller_model] if caller_model is not None else [])
+    new, macs1, modules = rewrite.apply(cg, removed, also=[caller_model] if caller_model is not None else [])
     if caller_model is not None:
         new = _become(caller_model, new)
     params1 = count_params(new)
-    widths1 = _widths(new.named_modules())
+    widths1 = _widths(modules.items())
     layers = [LayerWidth(n, k, s, widths1.get(n, (k, s))[1]) for n, (k, s) in widths0.items()]
     report = Report(params0, params1, macs0, macs1, layers, cg.pinned(), len(cg.units), len(removed))
     result = PruneResult(new, plan, report, cg, removed)

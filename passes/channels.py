@@ -306,13 +306,16 @@ def analyze_graph(traced: Traced) -> ChannelGraph:
     from .rules import rule_for  # the table; imported here to keep labels/channels rule-free
 
     ctx = Ctx(traced)
+    sized: set[fx.Node] = set()  # nodes whose value holds a channel count (a SizeVal)
     for node in traced.gm.graph.nodes:
         ctx.node = node
         rule = rule_for(node, ctx)
-        if not rule.shape_args:
+        if not rule.shape_args and any(n in sized for n in node.all_input_nodes):
             _pin_size_values(ctx, node)
         try:
-            ctx.values[node.name] = rule.labels(ctx, node)
+            value = ctx.values[node.name] = rule.labels(ctx, node)
+            if _holds_size(value):
+                sized.add(node)
         except AnalysisError:
             raise
         except Exception as e:  # a rule bug or an unexpected argument form: name the node
@@ -321,6 +324,16 @@ def analyze_graph(traced: Traced) -> ChannelGraph:
                 f"{type(e).__name__}: {e}") from e
     ctx.node = None
     return _finish(traced, ctx)
+
+
+def _holds_size(v: Any) -> bool:
+    if isinstance(v, SizeVal):
+        return True
+    if isinstance(v, (list, tuple)):
+        return any(_holds_size(x) for x in v)
+    if isinstance(v, dict):
+        return any(_holds_size(x) for x in v.values())
+    return False
 
 
 def _pin_size_values(ctx: Ctx, node: fx.Node) -> None:

@@ -67,7 +67,9 @@ class RewriteCtx:
     def replace_module(self, target: str, new: torch.nn.Module) -> None:
         parent, _, leaf = target.rpartition(".")
         setattr(self.gm.get_submodule(parent) if parent else self.gm, leaf, new)
-        self.modules[target] = new
+        for name in [n for n in self.modules if n.startswith(target + ".")]:  # the old one's children
+            del self.modules[name]
+        self.modules.update(new.named_modules(prefix=target))
 
     def error(self, node: fx.Node, msg: str) -> RewriteError:
         return RewriteError(f"node '{node.name}' ({describe_target(node)}): {msg}")
@@ -123,8 +125,10 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, also: list[torch.nn.Mod
                     setattr(mod, k, new_by_old[id(v)])
 
 
-def apply(cg: ChannelGraph, removed_roots: np.ndarray, *, also: list[torch.nn.Module] = ()) -> tuple[fx.GraphModule, int]:
-    """Rewrite `cg.gm` in place; returns it with its MACs on the example inputs."""
+def apply(cg: ChannelGraph, removed_roots: np.ndarray, *,
+          also: list[torch.nn.Module] = ()) -> tuple[fx.GraphModule, int, dict[str, torch.nn.Module]]:
+    """Rewrite `cg.gm` in place; returns it, its MACs on the example inputs, and its modules
+    by qualified name (as its named_modules())."""
     rctx = RewriteCtx(cg, removed_roots)
     slice_tensors(cg, rctx.removed, also)
     for node in list(cg.gm.graph.nodes):
@@ -132,7 +136,7 @@ def apply(cg: ChannelGraph, removed_roots: np.ndarray, *, also: list[torch.nn.Mo
         if rule.rewrite is not None:
             rule.rewrite(rctx, node)
     rctx.gm = _rebuilt(cg.gm)
-    return rctx.gm, check_shapes(rctx, cg.traced.example_inputs)
+    return rctx.gm, check_shapes(rctx, cg.traced.example_inputs), rctx.modules
 
 
 def _rebuilt(gm: fx.GraphModule) -> fx.GraphModule:

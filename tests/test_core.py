@@ -580,3 +580,19 @@ def test_layout_edge_cases_keep_torch_meta_kernels_layouts():
         macs = propagate_shapes(gm, (x,), fast=fast)
         runs.append((macs, {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}))
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("name", ["mha_batch_first", "transformer_encoder", "residual"])
+def test_report_widths_are_the_pruned_modules_widths(name):
+    """The report's widths after pruning are those of the returned model's modules, replaced
+    attention modules and their children included."""
+    model, x = _build(name)
+    r = passes.prune(model, x, ratio=0.5)
+    after = {}
+    for n, m in r.model.named_modules():
+        w = getattr(m, "in_proj_weight", None)
+        w = w if isinstance(w, torch.Tensor) else getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor):
+            after[n] = tuple(w.shape)
+    assert {l.name: l.after for l in r.report.layers if l.name in after} == after
+    assert any(l.after != l.before for l in r.report.layers)
