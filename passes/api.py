@@ -128,11 +128,23 @@ def _widths(named_modules) -> dict[str, tuple[str, tuple]]:
     """Per module with a weight: (type, weight shape); attention reports its input projection."""
     out = {}
     for n, m in named_modules:
-        w = getattr(m, "in_proj_weight", None)
-        w = w if isinstance(w, torch.Tensor) else getattr(m, "weight", None)
-        if isinstance(w, torch.Tensor):
+        w = _tensor_attr(m, "in_proj_weight")
+        w = w if w is not None else _tensor_attr(m, "weight")
+        if w is not None:
             out[n] = (type(m).__name__, tuple(w.shape))
     return out
+
+
+def _tensor_attr(m: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """`m.<name>` if it is a tensor, else None; a name the module does not have costs no
+    exception (nn.Module.__getattr__ raises one, caught by getattr's default: most of the
+    report's time on a model of plain layers)."""
+    for store in (m._parameters, m._buffers, m.__dict__):
+        if name in store:
+            v = store[name]
+            return v if isinstance(v, torch.Tensor) else None
+    v = getattr(m, name, None) if hasattr(type(m), name) else None  # a property (parametrizations)
+    return v if isinstance(v, torch.Tensor) else None
 
 
 def prune(model: torch.nn.Module, example_inputs, *, ratio: float = 0.5, importance: str = "l2",

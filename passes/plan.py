@@ -116,15 +116,11 @@ def keep_every_dim(cg: ChannelGraph, removed: np.ndarray, score: np.ndarray, max
 
 def fingerprint(traced: Traced) -> str:
     """Of the traced graph (ops, targets, module types) and the parameter and buffer shapes."""
-    h = hashlib.sha256()
     modules = traced.modules
-    for n in traced.gm.graph.nodes:
-        kind = type(modules[n.target]).__name__ if n.op == "call_module" else ""
-        h.update(f"{n.op}|{describe_target(n)}|{kind}\n".encode())
-    for table in (traced.params, traced.buffers):
-        for name, t in table.items():
-            h.update(f"{name}|{tuple(t.shape)}\n".encode())
-    return h.hexdigest()[:16]
+    lines = [f"{n.op}|{describe_target(n)}|{type(modules[n.target]).__name__ if n.op == 'call_module' else ''}\n"
+             for n in traced.gm.graph.nodes]
+    lines += [f"{name}|{tuple(t.shape)}\n" for table in (traced.params, traced.buffers) for name, t in table.items()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]  # = the lines hashed one by one
 
 
 @dataclass
