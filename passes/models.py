@@ -150,9 +150,15 @@ def _torchvision(name: str) -> nn.Module:
 def torchvision_model(name: str, **kwargs) -> nn.Module:
     """`torchvision.models.get_model(name, weights=None, **kwargs)` in eval mode, with every
     all-zero weight matrix re-drawn from N(0, 0.02): torchvision zero-initialises some heads
-    (ViT's, for one), which would make the output constant and any equivalence check vacuous."""
+    (ViT's, for one), which would make the output constant and any equivalence check vacuous.
+    Builders with a backbone (segmentation, detection) get `weights_backbone=None` unless told
+    otherwise: their default downloads ImageNet weights."""
+    import inspect
+
     import torchvision
 
+    if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+        kwargs.setdefault("weights_backbone", None)
     model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
     with torch.no_grad():
         for p in model.parameters():

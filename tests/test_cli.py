@@ -166,6 +166,21 @@ def test_torchvision_model_and_default_out(tmp_path, monkeypatch) -> None:
                for l in r["layers"] if l["kind"] == "Conv2d")
 
 
+def test_torchvision_models_with_a_backbone_download_nothing(monkeypatch) -> None:
+    """Segmentation builders default to ImageNet backbone weights (a download, which this
+    machine cannot make): `torchvision:NAME` builds them untrained, as every other model."""
+    import torch.hub
+
+    from passes.models import torchvision_model
+
+    def no_network(*a, **k):
+        raise AssertionError("tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    model = torchvision_model("lraspp_mobilenet_v3_large")
+    assert model(torch.randn(1, 3, 32, 32))["out"].shape == (1, 21, 32, 32)
+
+
 def test_rerun_replaces_the_previous_result(factories: Path, tmp_path) -> None:
     args = ("prune", f"{factories}:make", "--input-shape", "1,3,8,8", "--no-bench", "--round-to", "1")
     assert run(*args).exit_code == 0
