@@ -10,7 +10,8 @@ over the kept positions only, which is what the physically smaller model compute
 - "sum" (matmul/einsum contraction, sum): removed positions are zeroed first;
 - "mean": the masked sum is divided by the kept count instead of the full count;
 - "softmax", "max": removed positions are set to -inf (+inf for a min) first;
-- "norm" of LayerNorm: mean and variance over kept positions only.
+- "norm" of LayerNorm, and of F.batch_norm with batch statistics (timm's weight
+  standardisation): mean and variance over kept positions only.
 
 GroupNorm statistics over a pruned dim have no such form here; such a model gets the forward
 and shape check, and the report says which node made equivalence inapplicable.
@@ -89,6 +90,8 @@ class _KeptOnly(FreshArgs, fx.Interpreter):
         specs = self.masks[n.name]
         kind = specs[0][2]
         if kind == "norm":
+            if _is_batch_norm(n):
+                return self._batch_norm(args, kwargs, specs)
             return self._layer_norm(n, args, kwargs, specs)
         scale = 1.0
         for i, d, k, keep in specs:
@@ -105,6 +108,29 @@ class _KeptOnly(FreshArgs, fx.Interpreter):
                 args[i] = x.masked_fill(~keep_b, fill)
         out = getattr(self, n.op)(n.target, tuple(args), kwargs)
         return out * scale if scale != 1.0 else out
+
+    def _batch_norm(self, args, kwargs, specs):
+        """F.batch_norm with batch statistics: per channel (dim 1), mean and biased variance over
+        the kept positions of the other dims (what the smaller tensor's statistics are)."""
+        call = _batch_norm_call(args, kwargs)
+        x = call["input"]
+        keep = torch.ones([1 if d == 1 else s for d, s in enumerate(x.shape)], dtype=torch.bool)
+        for _, d, _, kp in specs:
+            shape = [1] * x.dim()
+            shape[d] = -1
+            keep = keep & kp.view(shape)
+        dims = tuple(d for d in range(x.dim()) if d != 1)
+        cnt = keep.sum()
+        mean = (x * keep).sum(dims, keepdim=True) / cnt
+        var = (((x - mean) * keep) ** 2).sum(dims, keepdim=True) / cnt
+        y = (x - mean) / torch.sqrt(var + call.get("eps", 1e-5))
+        shape = [1] * x.dim()
+        shape[1] = -1
+        if call.get("weight") is not None:
+            y = y * call["weight"].view(shape)
+        if call.get("bias") is not None:
+            y = y + call["bias"].view(shape)
+        return y
 
     def _layer_norm(self, n, args, kwargs, specs):
         x = args[0]
@@ -134,6 +160,17 @@ class _KeptOnly(FreshArgs, fx.Interpreter):
         return y
 
 
+def _is_batch_norm(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target is F.batch_norm
+
+
+def _batch_norm_call(args: list, kwargs: dict) -> dict:
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    call = dict(zip(names, args))
+    call.update(kwargs)
+    return call
+
+
 def _masks(cg, removed) -> tuple[dict, list[str]]:
     masks, inexact = {}, []
     for red in cg.reductions:
@@ -144,11 +181,18 @@ def _masks(cg, removed) -> tuple[dict, list[str]]:
                 kinds.append((red.arg, d, red.kind, torch.from_numpy(~rm)))
         if not kinds:
             continue
-        if red.kind == "norm" and not _is_layer_norm(cg, red.node):
+        if red.kind == "norm" and not _is_layer_norm(cg, red.node) and not _exact_batch_norm(cg, red.node):
             inexact.append(f"'{red.node}' normalises over pruned channels (group statistics change)")
             continue
         masks.setdefault(red.node, []).extend(kinds)
     return masks, inexact
+
+
+def _exact_batch_norm(cg, name) -> bool:
+    """F.batch_norm (its reductions are recorded only for batch statistics): the oracle
+    normalises over kept positions."""
+    n = next((n for n in cg.traced.gm.graph.nodes if n.name == name), None)
+    return n is not None and _is_batch_norm(n)
 
 
 def _is_layer_norm(cg, name) -> bool:

@@ -153,6 +153,8 @@ def _batch_norm(ctx, node):
     m = ctx.module(node)
     x = ctx.labels(node.args[0])
     _channel_params(ctx, m, x[1], ("weight", "bias", "running_mean", "running_var"))
+    if m.training or m.running_mean is None:  # batch statistics, over every dim but 1
+        ctx.reduce(0, [d for d in range(len(x)) if d != 1], "norm", x)
     return x
 
 
@@ -169,6 +171,10 @@ def _batch_norm_fn(ctx, node):
         if p is not None:
             ctx.unify(x[1], p[0], ctx.why("norm parameter"))
             ctx.mark_passive(None, _tensor_of(ctx, n))
+    if arg(node, 5, "training", False) is not False or arg(node, 1, "running_mean") is None:
+        # batch statistics over every dim but 1 (timm's weight standardisation runs this on a
+        # conv weight viewed as [1, out, in * k * k]: the statistics span the input channels)
+        ctx.reduce(0, [d for d in range(len(x)) if d != 1], "norm", x)
     return x
 
 
