@@ -179,26 +179,50 @@ def _traceable_transformers():
         tx._get_seq_len = original
 
 
-def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
+def symbolic_trace(model: torch.nn.Module, n_inputs: int | None = None) -> fx.GraphModule:
     """`torch.fx.symbolic_trace` with passes' tracer. nn.Transformer* modules are traced through;
-    if that fails (masks passed as traced values), they are traced again as leaves."""
+    if that fails (masks passed as traced values), they are traced again as leaves. With
+    `n_inputs`, forward's later parameters that have plain defaults are fixed to them
+    (`default_args`)."""
+    concrete = default_args(model, n_inputs) if n_inputs is not None else {}
     if any(type(m) in _TRANSFORMERS for m in model.modules()):
         try:
             with _traceable_transformers():
-                return _trace_with(_Tracer(open_transformers=True), model)
+                return _trace_with(_Tracer(open_transformers=True), model, concrete)
         except Exception:
             pass  # the leaf trace below gives the error worth reporting, if any
-    return _trace_with(_Tracer(), model)
+    return _trace_with(_Tracer(), model, concrete)
 
 
-def _trace_with(tracer: fx.Tracer, model: torch.nn.Module) -> fx.GraphModule:
+def default_args(model: torch.nn.Module, n_inputs: int) -> dict:
+    """forward's parameters after the first `n_inputs` that have a default of None, a bool, a
+    number or a string: traced with that value (fx's concrete_args), as the model runs when
+    called with the example inputs alone. timm's ViT, `forward(x, attn_mask=None,
+    is_causal=False)`, branches on both; fx keeps a placeholder for each, with its default, and
+    an assertion that it is not given another value."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    out = {}
+    for i, p in enumerate(params):
+        if i >= n_inputs and p.kind in kinds and p.default is not inspect.Parameter.empty \
+                and (p.default is None or type(p.default) in (bool, int, float, str)):
+            out[p.name] = p.default
+    return out
+
+
+def _trace_with(tracer: fx.Tracer, model: torch.nn.Module, concrete: dict) -> fx.GraphModule:
     """The traced GraphModule, its Python code generated on first use (torch.fx's own
     _LazyGraphModule): analysis only reads the graph, and the pruned model becomes a plain
     GraphModule after the rewrite (`passes.rewrite.apply`), so code generated here was thrown
     away (about 6 ms of resnet50's 25 ms trace)."""
     from torch.fx._lazy_graph_module import _LazyGraphModule
 
-    graph = tracer.trace(model)
+    graph = tracer.trace(model, concrete_args=concrete or None)
     return _LazyGraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -207,10 +231,11 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
     check_hooks(model)
     try:
         with eval_mode(model):  # `if self.training:` branches: the inference graph is the one pruned
-            gm = symbolic_trace(model)
+            gm = symbolic_trace(model, len(inputs))
     except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ... from user code
         raise TraceError(_trace_message(model, e)) from e
-    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    # parameters fixed to their defaults keep a placeholder (with the default) each
+    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder") - len(default_args(model, len(inputs)))
     if n_placeholders != len(inputs):
         raise InputError(
             f"{type(model).__name__}.forward takes {n_placeholders} inputs, example_inputs has {len(inputs)}")
@@ -294,8 +319,9 @@ def _run(gm: fx.GraphModule, inputs: tuple, modules: dict, *, meta: bool, fast: 
     for n in gm.graph.nodes:
         op = n.op
         try:
-            if op == "placeholder":
-                result = convert(next(feed))
+            if op == "placeholder":  # past the inputs: a parameter fixed to its default
+                result = next(feed, n)
+                result = convert(result) if result is not n else n.args[0]
             elif op == "get_attr":
                 result = gm
                 for part in n.target.split("."):

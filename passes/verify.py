@@ -62,11 +62,11 @@ def flatten_outputs(out) -> list[torch.Tensor]:
     return []
 
 
-def masked_copy(original: torch.nn.Module, plan) -> fx.GraphModule:
+def masked_copy(original: torch.nn.Module, plan, n_inputs: int) -> fx.GraphModule:
     """A traced deep copy of `original` with the plan's removed slices zeroed (names as in the graph)."""
     model = copy.deepcopy(original)
     with eval_mode(model):  # traced as the pruned model was: eval-mode branches
-        gm = symbolic_trace(model)
+        gm = symbolic_trace(model, n_inputs)
     with torch.no_grad():
         for name, dims in plan.removed.items():
             t = attr_at(gm, name)
@@ -225,7 +225,7 @@ def verify(original: torch.nn.Module, result, example_inputs, *, atol: float = 1
     if inexact:
         return VerifyReport(True, True, False, inexact=inexact,
                             message="forward and shapes ok; masked equivalence does not apply: " + "; ".join(inexact))
-    masked = masked_copy(original, result.plan)
+    masked = masked_copy(original, result.plan, len(inputs))
     want = _run_masked(masked, masks, inputs)
     abs_err, rel = _errors(got, want)
     ok = abs_err <= atol or rel <= rtol

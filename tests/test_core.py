@@ -628,3 +628,33 @@ def test_weight_standardisation_statistics_follow_the_kept_input_channels():
     assert r.report.verify.ok and r.report.verify.exact, r.report.verify.message
     assert r.model.b.weight.shape[1] < 16 and r.report.macs_after < r.report.macs_before
     assert any(red.node.startswith("batch_norm") for red in r.graph.reductions)
+
+
+class OptionalArgs(nn.Module):
+    """forward branches on parameters that have defaults (as timm's ViT on attn_mask/is_causal)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 4)
+
+    def forward(self, x, mask=None, causal: bool = False, scale: float = 1.0):
+        h = F.relu(self.a(x))
+        if mask is not None or causal:
+            h = h * 0
+        return self.b(h) * scale
+
+
+def test_forward_parameters_with_defaults_are_traced_at_their_defaults():
+    torch.manual_seed(0)
+    model, x = OptionalArgs().eval(), torch.randn(3, 6)
+    r = passes.prune(model, x, ratio=0.5)
+    assert r.report.verify.ok and r.report.verify.exact, r.report.verify.message
+    assert r.model.a.out_features < 16
+    assert torch.equal(r.model(x), r.model(x))  # called like the original, with the inputs alone
+    with pytest.raises(InputError, match="takes 2 inputs"):  # a parameter with no default is still required
+        passes.prune(OptionalArgs2(), (x,))
+
+
+class OptionalArgs2(OptionalArgs):
+    def forward(self, x, y, mask=None):
+        return super().forward(x + y, mask)
