@@ -239,14 +239,15 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
     if n_placeholders != len(inputs):
         raise InputError(
             f"{type(model).__name__}.forward takes {n_placeholders} inputs, example_inputs has {len(inputs)}")
-    # fx rebuilds containers: they take the caller's flags (then an eval-mode model needs no
-    # mode switch in the shape pass)
     modules = dict(gm.named_modules())
     params, buffers = _tensors(modules)
-    check_dtypes(params), check_dtypes(buffers)
+    check_dtypes(params)
+    check_dtypes(buffers)
     for i, t in enumerate(inputs):
         if t.is_floating_point() and t.dtype not in _SUPPORTED_DTYPES:
             raise InputError(f"example input {i} is {t.dtype}; the model is float32: pass float32 inputs")
+    # fx rebuilds containers: they take the caller's flags (then an eval-mode model needs no
+    # mode switch in the shape pass)
     copy_training_flags(model, modules)
     try:
         macs = propagate_shapes(gm, inputs, modules=modules)
