@@ -658,3 +658,27 @@ def test_forward_parameters_with_defaults_are_traced_at_their_defaults():
 class OptionalArgs2(OptionalArgs):
     def forward(self, x, y, mask=None):
         return super().forward(x + y, mask)
+
+
+class PadModules(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 6, 1)
+        self.p1, self.p2 = nn.ConstantPad2d(1, 0.5), nn.ReflectionPad2d((1, 0, 2, 0))
+        self.p3 = nn.ZeroPad3d((0, 0, 0, 0, 1, 1))  # on a 4-d tensor its last pair pads the channels
+
+    def forward(self, x):
+        y = self.c(self.p2(F.relu(self.b(self.p1(F.relu(self.a(x)))))))
+        return self.p3(y)
+
+
+def test_padding_modules_keep_channels_unless_they_pad_them():
+    """nn.*Pad*d modules follow F.pad's rule: spatial padding keeps the channels prunable; a pad
+    over the channel dim pins it."""
+    torch.manual_seed(0)
+    model, x = PadModules().eval(), image()
+    r = passes.prune(model, x, ratio=0.5)
+    assert r.report.verify.ok and r.report.verify.exact, r.report.verify.message
+    assert r.model.a.out_channels < 8 and r.model.b.out_channels < 8
+    assert r.model.c.out_channels == 6
+    assert any("padding of a channel dim" in p.reason for p in r.report.pinned)

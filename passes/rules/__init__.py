@@ -149,6 +149,9 @@ MODULES: dict = {
     nn.Flatten: S.RESHAPE, nn.Unflatten: S.RESHAPE, nn.ChannelShuffle: S.CHANNEL_SHUFFLE,
     nn.Softmax: R.SOFTMAX, nn.LogSoftmax: R.SOFTMAX,
 }
+MODULES.update({getattr(nn, f"{kind}Pad{d}d"): S.PAD  # their forward is F.pad(x, self.padding, ...)
+                for kind in ("Constant", "Zero", "Reflection", "Replication", "Circular") for d in (1, 2, 3)
+                if hasattr(nn, f"{kind}Pad{d}d")})
 
 NODE_OPS = {"placeholder": placeholder, "output": output, "get_attr": get_attr}
 

@@ -387,7 +387,7 @@ def _tile_last(ctx, node):
 
 def _pad(ctx, node):
     x = _x(ctx, node)
-    pad = arg(node, 1, "pad")
+    pad = ctx.module(node).padding if node.op == "call_module" else arg(node, 1, "pad")  # nn.*Pad*d or F.pad
     shape = _out_shape(node)
     out = list(x)
     for i in range(len(pad) // 2):
