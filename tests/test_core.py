@@ -682,3 +682,30 @@ def test_padding_modules_keep_channels_unless_they_pad_them():
     assert r.model.a.out_channels < 8 and r.model.b.out_channels < 8
     assert r.model.c.out_channels == 6
     assert any("padding of a channel dim" in p.reason for p in r.report.pinned)
+
+
+class GroupNormFn(nn.Module):
+    """F.group_norm with several channels per group and with one (the group count follows)."""
+
+    def __init__(self, groups):
+        super().__init__()
+        self.groups = groups
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.w, self.bias = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return self.b(F.relu(F.group_norm(self.a(x), self.groups, self.w, self.bias)))
+
+
+@pytest.mark.parametrize("groups", [8, 2])
+def test_functional_group_norm_has_the_module_rule(groups):
+    torch.manual_seed(0)
+    model, x = GroupNormFn(groups).eval(), image()
+    r = passes.prune(model, x, ratio=0.5)
+    assert r.report.verify.ok, r.report.verify.message
+    assert r.model.a.out_channels < 8 and r.model.w.shape == (r.model.a.out_channels,)
+    if groups == 8:  # per-channel statistics: the pruned model is exactly the masked original
+        assert r.report.verify.exact
+        assert r.model(x).shape == model(x).shape
+    else:  # statistics over pruned channels: equivalence does not apply (as for the module)
+        assert not r.report.verify.exact and r.model.a.out_channels % groups == 0

@@ -87,7 +87,7 @@ FUNCTIONS: dict = {
     F.interpolate: S.KEEP_LEADING, F.pad: S.PAD,
     # layers as functions
     F.linear: Ly.LINEAR_FN, F.conv1d: Ly.CONV_FN, F.conv2d: Ly.CONV_FN, F.conv3d: Ly.CONV_FN,
-    F.batch_norm: Ly.BATCH_NORM_FN, F.layer_norm: Ly.LAYER_NORM_FN,
+    F.batch_norm: Ly.BATCH_NORM_FN, F.layer_norm: Ly.LAYER_NORM_FN, F.group_norm: Ly.GROUP_NORM_FN,
     F.adaptive_avg_pool1d: S.KEEP_LEADING, F.adaptive_avg_pool2d: S.KEEP_LEADING,
     F.adaptive_avg_pool3d: S.KEEP_LEADING, F.adaptive_max_pool2d: S.KEEP_LEADING,
     F.avg_pool1d: S.KEEP_LEADING, F.avg_pool2d: S.KEEP_LEADING, F.avg_pool3d: S.KEEP_LEADING,

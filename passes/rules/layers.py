@@ -242,6 +242,34 @@ def _group_norm_rewrite(rctx, node):
     m.num_channels = c
 
 
+def _group_norm_fn(ctx, node):
+    """F.group_norm(x, num_groups, weight, bias, eps): as the module; a literal group count."""
+    x = ctx.labels(node.args[0])
+    groups = arg(node, 1, "num_groups")
+    if x is None or type(groups) is not int or groups <= 0 or len(x) < 2 or len(x[1]) % groups:
+        return UNKNOWN.labels(ctx, node)
+    c = x[1]
+    per = len(c) // groups
+    if per > 1:
+        grid = c.reshape(groups, per)
+        for g in range(1, groups):
+            ctx.unify(grid[0].copy(), grid[g].copy())
+        ctx.reduce(0, (1,), "norm", x)
+    for i, name in ((2, "weight"), (3, "bias")):
+        n = arg(node, i, name)
+        p = ctx.labels(n)
+        if p is not None:
+            ctx.unify(c, p[0], ctx.why("norm parameter"))
+            ctx.mark_passive(None, _tensor_of(ctx, n))
+    return x
+
+
+def _group_norm_fn_rewrite(rctx, node):
+    c = rctx.labels_of(node.args[0])[1]
+    if arg(node, 1, "num_groups") == len(c):  # one channel per group: the groups go with them
+        set_arg(node, 1, "num_groups", rctx.count(c))
+
+
 def _prelu(ctx, node):
     m = ctx.module(node)
     x = ctx.labels(node.args[0])
@@ -263,6 +291,7 @@ LINEAR_FN = Rule(_linear_fn)
 EMBEDDING = Rule(_embedding, _embedding_rewrite)
 BATCH_NORM = Rule(_batch_norm, _num_features_rewrite)
 BATCH_NORM_FN = Rule(_batch_norm_fn)
+GROUP_NORM_FN = Rule(_group_norm_fn, _group_norm_fn_rewrite)
 INSTANCE_NORM = Rule(_batch_norm, _num_features_rewrite)
 LAYER_NORM = Rule(_layer_norm, _layer_norm_rewrite)
 LAYER_NORM_FN = Rule(_layer_norm_fn, _layer_norm_fn_rewrite)
