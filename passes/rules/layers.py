@@ -265,9 +265,11 @@ def _group_norm_fn(ctx, node):
 
 
 def _group_norm_fn_rewrite(rctx, node):
-    c = rctx.labels_of(node.args[0])[1]
-    if arg(node, 1, "num_groups") == len(c):  # one channel per group: the groups go with them
-        set_arg(node, 1, "num_groups", rctx.count(c))
+    x = rctx.labels_of(node.args[0])
+    if x is None or len(x) < 2:  # the labels were not read (the op was treated as unknown)
+        return
+    if arg(node, 1, "num_groups") == len(x[1]):  # one channel per group: the groups go with them
+        set_arg(node, 1, "num_groups", rctx.count(x[1]))
 
 
 def _prelu(ctx, node):
