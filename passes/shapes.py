@@ -4,17 +4,15 @@ On meta tensors most of a forward's cost is torch's Python meta kernels: measure
 (224x224), BatchNorm2d took 1.2 ms per call on meta, Conv2d 0.12 ms, a residual add 0.23 ms,
 while the formula below costs a few microseconds; a pooling layer or a flatten that ran its
 kernel cost 0.4-0.8 ms each (the three in resnet50 were half of its meta pass), a cat 0.44 ms
-(densenet201 has 102).
-`fast_meta` returns the output of a node
-(a meta tensor) and its MACs, or None when the op is not one of these, or when anything about
+(densenet201 has 102). `fast_meta` returns the output of a node (a meta tensor) and its MACs, or None when the op is not one of these, or when anything about
 the call (a subclass, a padding mode, a dtype, a size that does not fit) is outside the
 formula: then the op itself runs on meta tensors, exactly as before, and raises if it must.
 
 MACs equal what `torch.utils.flop_counter.FlopCounterMode` counts for the same call
 (`passes.count`): conv = batch x prod(weight shape) x prod(output spatial), linear = rows x
 in x out, attention = its projections plus 2 x batch x queries x keys x head width per head,
-normalisation, activations, pooling, flatten and elementwise arithmetic 0. Channel counts come from the weights,
-as in the functional ops, never from module attributes. tests/test_core.py and
+normalisation, activations, pooling, flatten and elementwise arithmetic 0. Channel counts
+come from the weights, as in the functional ops, never from module attributes. tests/test_core.py and
 tests/test_torchvision.py compare every node's tensor_meta (strides included) and the MACs with
 the plain meta pass, on whole models, before and after pruning.
 """
@@ -105,6 +103,16 @@ def fast_meta(op: str, target, module: nn.Module | None, args: tuple, kwargs: di
     return None
 
 
+def _bind(args: tuple, kwargs: dict, names: tuple) -> dict | None:
+    """A call's arguments by parameter name, or None for more positional arguments than names,
+    an argument given twice, or a keyword that is not one of `names`."""
+    call = dict(zip(names, args))
+    if len(args) > len(names) or set(call) & set(kwargs) or set(kwargs) - set(names):
+        return None
+    call.update(kwargs)
+    return call
+
+
 def _broadcasts_into(small: torch.Tensor, full: torch.Tensor) -> bool:
     """Both contiguous, `small` broadcasts to `full`'s shape: the elementwise result is then
     contiguous with `full`'s shape (TensorIterator keeps the contiguous order, whichever
@@ -160,11 +168,9 @@ def _permute(x, dims):
 
 def _layer_norm(args: tuple, kwargs: dict):
     """F.layer_norm: a contiguous result of the input's shape (as the module)."""
-    names = ("input", "normalized_shape", "weight", "bias", "eps")
-    call = dict(zip(names, args))
-    if len(args) > len(names) or set(call) & set(kwargs) or set(kwargs) - set(names):
+    call = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"))
+    if call is None:
         return None
-    call.update(kwargs)
     x, ns = call.get("input"), call.get("normalized_shape")
     if not _float_meta(x) or not isinstance(ns, (list, tuple)) or not all(type(v) is int for v in ns):
         return None
@@ -253,11 +259,9 @@ def _adaptive_pool(x: torch.Tensor, nd: int, output_size):
 def _flatten(args: tuple, kwargs: dict):
     """torch.flatten / Tensor.flatten / nn.Flatten of a contiguous tensor: a view with the
     merged dims' size, contiguous like its input."""
-    names = ("input", "start_dim", "end_dim")
-    call = dict(zip(names, args))
-    if len(args) > 3 or set(call) & set(kwargs) or set(kwargs) - set(names[1:]):
+    call = _bind(args, kwargs, ("input", "start_dim", "end_dim"))
+    if call is None:
         return None
-    call.update(kwargs)
     x, start, end = call.get("input"), call.get("start_dim", 0), call.get("end_dim", -1)
     if not (_float_meta(x) and x.is_contiguous() and type(start) is int and type(end) is int and x.dim() > 0):
         return None
@@ -294,13 +298,12 @@ def _attention(m, args: tuple, kwargs: dict):
     batched, without masks: output strides as the module's own forward leaves them."""
     names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
              "is_causal")
-    call = dict(zip(names, args))
-    if len(args) > len(names) or set(call) & set(kwargs):
+    call = _bind(args, kwargs, names)
+    if call is None:
         return None
-    call.update(kwargs)
     q, k, v = call.get("query"), call.get("key"), call.get("value")
     need, avg = call.get("need_weights", True), call.get("average_attn_weights", True)
-    if (set(call) - set(names) or call.get("key_padding_mask") is not None or call.get("attn_mask") is not None
+    if (call.get("key_padding_mask") is not None or call.get("attn_mask") is not None
             or type(need) is not bool or type(avg) is not bool or call.get("is_causal", False) is not False
             or m.training
             or not all(_float_meta(t) and t.dim() == 3 and _dense(t) for t in (q, k, v)) or k.shape != v.shape):

@@ -179,12 +179,11 @@ def _traceable_transformers():
         tx._get_seq_len = original
 
 
-def symbolic_trace(model: torch.nn.Module, n_inputs: int | None = None) -> fx.GraphModule:
+def symbolic_trace(model: torch.nn.Module, concrete: dict | None = None) -> fx.GraphModule:
     """`torch.fx.symbolic_trace` with passes' tracer. nn.Transformer* modules are traced through;
-    if that fails (masks passed as traced values), they are traced again as leaves. With
-    `n_inputs`, forward's later parameters that have plain defaults are fixed to them
-    (`default_args`)."""
-    concrete = default_args(model, n_inputs) if n_inputs is not None else {}
+    if that fails (masks passed as traced values), they are traced again as leaves. `concrete`:
+    forward's parameters fixed to a value (`default_args`)."""
+    concrete = concrete or {}
     if any(type(m) in _TRANSFORMERS for m in model.modules()):
         try:
             with _traceable_transformers():
@@ -229,13 +228,14 @@ def _trace_with(tracer: fx.Tracer, model: torch.nn.Module, concrete: dict) -> fx
 def trace(model: torch.nn.Module, example_inputs) -> Traced:
     inputs = as_inputs(example_inputs)
     check_hooks(model)
+    fixed = default_args(model, len(inputs))
     try:
         with eval_mode(model):  # `if self.training:` branches: the inference graph is the one pruned
-            gm = symbolic_trace(model, len(inputs))
+            gm = symbolic_trace(model, fixed)
     except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ... from user code
         raise TraceError(_trace_message(model, e)) from e
     # parameters fixed to their defaults keep a placeholder (with the default) each
-    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder") - len(default_args(model, len(inputs)))
+    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder") - len(fixed)
     if n_placeholders != len(inputs):
         raise InputError(
             f"{type(model).__name__}.forward takes {n_placeholders} inputs, example_inputs has {len(inputs)}")
@@ -287,8 +287,9 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple, *, fast: bool = True, mo
     tensors. Measured here on resnet50, densenet201, vit_b_16, swin_t: meta 1.4-7x faster,
     identical MACs (FakeTensorMode was slower than real tensors on CNNs). MACs are counted in
     the same pass (`passes.count`): counting costs no extra forward. With `fast`, the commonest
-    leaf ops (convs, linears, norms, activations, same-shape arithmetic, attention) take their
-    shape and MACs from a formula (`passes.shapes`) instead of running torch's meta kernels.
+    ops (layers, norms, activations, pooling, views, cat, arithmetic, attention: the list is in
+    `passes.shapes.fast_meta`) take their shape and MACs from a formula instead of running
+    torch's meta kernels.
     `modules`: gm's `dict(named_modules())` when the caller has it."""
     from .count import unfused_attention
 

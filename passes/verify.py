@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .channels import attr_at
 from .errors import InputError, VerificationError
 from .plan import removed_mask
-from .trace import FreshArgs, as_inputs, eval_mode, symbolic_trace
+from .trace import FreshArgs, as_inputs, default_args, eval_mode, symbolic_trace
 
 
 @dataclass
@@ -66,7 +66,7 @@ def masked_copy(original: torch.nn.Module, plan, n_inputs: int) -> fx.GraphModul
     """A traced deep copy of `original` with the plan's removed slices zeroed (names as in the graph)."""
     model = copy.deepcopy(original)
     with eval_mode(model):  # traced as the pruned model was: eval-mode branches
-        gm = symbolic_trace(model, n_inputs)
+        gm = symbolic_trace(model, default_args(model, n_inputs))
     with torch.no_grad():
         for name, dims in plan.removed.items():
             t = attr_at(gm, name)
@@ -191,17 +191,19 @@ def _masks(cg, removed) -> tuple[dict, list[str]]:
 def _exact_batch_norm(cg, name) -> bool:
     """F.batch_norm (its reductions are recorded only for batch statistics): the oracle
     normalises over kept positions."""
-    n = next((n for n in cg.traced.gm.graph.nodes if n.name == name), None)
+    n = _node(cg, name)
     return n is not None and _is_batch_norm(n)
 
 
 def _is_layer_norm(cg, name) -> bool:
-    for n in cg.traced.gm.graph.nodes:
-        if n.name == name:
-            if n.op == "call_module":
-                return isinstance(cg.traced.gm.get_submodule(n.target), torch.nn.LayerNorm)
-            return n.target is F.layer_norm
-    return False
+    n = _node(cg, name)
+    if n is not None and n.op == "call_module":
+        return isinstance(cg.traced.gm.get_submodule(n.target), torch.nn.LayerNorm)
+    return n is not None and n.target is F.layer_norm
+
+
+def _node(cg, name: str) -> fx.Node | None:
+    return next((n for n in cg.traced.gm.graph.nodes if n.name == name), None)
 
 
 def verify(original: torch.nn.Module, result, example_inputs, *, atol: float = 1e-5,
