@@ -100,13 +100,14 @@ class Segments:
         total = np.concatenate([[0], np.cumsum(flat)])
         return total[self.ends] - total[self.ends - self.lengths], flat
 
-    def positions(self, flat: np.ndarray, which: np.ndarray) -> list[np.ndarray]:
-        """For the arrays `which` (indices): the positions inside each whose flag in `flat`
-        (as returned by `count`) is set, from one nonzero pass over the concatenation."""
-        hits = np.flatnonzero(flat)
-        starts = self.ends - self.lengths
-        lo, hi = np.searchsorted(hits, starts[which]), np.searchsorted(hits, self.ends[which])
-        return [hits[a:b] - s for a, b, s in zip(lo.tolist(), hi.tolist(), starts[which].tolist())]
+    def positions(self, flat: np.ndarray, counts: np.ndarray, which: np.ndarray) -> list[np.ndarray]:
+        """For the arrays `which` (indices): the positions inside each whose flag in `flat` is
+        set, given `counts`, the set flags per array (`flat` and `counts` as `count` returns
+        them, or their complements). One nonzero pass over the concatenation; each hit's offset
+        is that of its array, repeated per hit; the arrays' positions are then slices."""
+        hits = np.flatnonzero(flat) - np.repeat(self.ends - self.lengths, counts)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        return [hits[a:b] for a, b in zip(bounds[which].tolist(), bounds[which + 1].tolist())]
 
 
 def zeros(n: int) -> np.ndarray:

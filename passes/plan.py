@@ -192,7 +192,8 @@ def cut_dims(cg: ChannelGraph, atom_removed: np.ndarray, kept: bool = False) -> 
         return []
     gone, flat = seg.count(atom_removed)
     which = np.flatnonzero(gone)
-    return [(*seg.keys[i], p) for i, p in zip(which.tolist(), seg.positions(~flat if kept else flat, which))]
+    found = seg.positions(~flat, seg.lengths - gone, which) if kept else seg.positions(flat, gone, which)
+    return [(*seg.keys[i], p) for i, p in zip(which.tolist(), found)]
 
 
 def removed_mask(cg: ChannelGraph, removed_roots: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch.fx import traceback as fx_traceback
+from torch.fx.immutable_collections import immutable_dict
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.utils.stateless import _reparametrize_module
@@ -134,7 +135,7 @@ class _Tracer(fx.Tracer):
     def create_arg(self, a):
         """fx's Tracer.create_arg tests a value against parameters, tensors, modules, named
         tuples and constant types before reaching the case of a Proxy or a Python number:
-        those, and plain tuples of them, take the short way."""
+        those, plain tuples of them and empty kwargs take the short way."""
         kind = type(a)
         if kind is fx.Proxy:
             return a.node
@@ -142,6 +143,8 @@ class _Tracer(fx.Tracer):
             return a
         if kind is tuple:
             return tuple([self.create_arg(x) for x in a])
+        if kind is dict and not a:  # the kwargs of most calls
+            return {}
         return super().create_arg(a)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
@@ -150,9 +153,25 @@ class _Tracer(fx.Tracer):
         options (stack traces, preserved node meta, mutation checks) is on."""
         if self.check_mutable_operations or self.record_stack_traces or fx_traceback.has_preserved_node_meta():
             return super().create_node(kind, target, args, kwargs, name, type_expr)
-        node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+        node = _append_node(self.graph, kind, target, args, kwargs, name, type_expr)
         self.node_name_to_scope[node.name] = (self.scope.module_path, self.scope.module_type)
         return node
+
+
+def _append_node(g: fx.Graph, op, target, args, kwargs, name, type_expr) -> fx.Node:
+    """What fx's Graph.create_node does while tracing (torch 2.14: name the node, make it, register
+    the name, insert it at the end, index it), less its scan of every argument for raw
+    SymInt/SymFloat/SymBool values, which only a trace with symbolic shapes can hold (a tenth of
+    resnet50's trace); the graph has no owning module yet, so no creation hooks run."""
+    if g.owning_module is not None:
+        return g.create_node(op, target, args, kwargs, name, type_expr)
+    name = g._graph_namespace.create_name(name if name is not None else g._target_to_str(target), None)
+    node = fx.Node(g, name, op, target, args or (), kwargs or immutable_dict(), type_expr)
+    g._graph_namespace.associate_name_with_obj(name, node)
+    g._insert(node)
+    g._find_nodes_lookup_table.insert(node)
+    g._len += 1
+    return node
 
 
 _PLAIN = (int, float, bool, str, type(None))
