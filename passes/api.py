@@ -208,7 +208,7 @@ def _finish(reference, cg, removed, plan, inputs, caller_model, verify, atol, rt
     widths0 = _widths(cg.traced.modules.items())
     new, macs1, modules = rewrite.apply(cg, removed, also=[caller_model] if caller_model is not None else [])
     if caller_model is not None:
-        new = _become(caller_model, new)
+        new = cg.traced.gm = modules[""] = _become(caller_model, new)
     params1 = count_params(new)
     widths1 = _widths(modules.items())
     layers = [LayerWidth(n, k, s, widths1.get(n, (k, s))[1]) for n, (k, s) in widths0.items()]

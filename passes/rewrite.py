@@ -76,9 +76,9 @@ class RewriteCtx:
 
 
 @torch.no_grad()
-def slice_tensors(cg: ChannelGraph, removed: np.ndarray, also: list[torch.nn.Module] = ()) -> None:
+def slice_tensors(cg: ChannelGraph, removed: np.ndarray, also: list[torch.nn.Module] = ()) -> dict[int, torch.Tensor]:
     """Slice every labelled tensor of the GraphModule, and of the modules in `also` (the
-    caller's model when in place).
+    caller's model when in place); returns the new tensors by id of the old ones.
 
     Each tensor is replaced wherever a module holds it (tied tensors stay tied): in parameter
     and buffer tables and in plain attributes (graph constants), each module visited once."""
@@ -111,18 +111,24 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, also: list[torch.nn.Mod
             new = torch.nn.Parameter(new, requires_grad=old.requires_grad)  # index_select copied
         new_by_old[id(old)] = new
     seen: set[int] = set()
+    old_ids = new_by_old.keys()  # the old tensors are alive: an equal id is the same object
     for modules in (cg.traced.modules.values(), *(root.modules() for root in also)):
         for mod in modules:
             if id(mod) in seen:  # the GraphModule shares its submodules with the model it traced
                 continue
             seen.add(id(mod))
+            # each table is first tested as a whole (ids mapped and matched in C), most hold nothing
             for store in (mod._parameters, mod._buffers):
-                for k, t in store.items():
-                    if t is not None and id(t) in new_by_old:
-                        store[k] = new_by_old[id(t)]
-            for k, v in list(vars(mod).items()):  # graph constants, and other references
-                if id(v) in new_by_old:  # the old tensors are alive: an equal id is the same object
-                    setattr(mod, k, new_by_old[id(v)])
+                if not old_ids.isdisjoint(map(id, store.values())):
+                    for k, t in store.items():
+                        if id(t) in new_by_old:
+                            store[k] = new_by_old[id(t)]
+            attrs = vars(mod)  # graph constants, and other references
+            if not old_ids.isdisjoint(map(id, attrs.values())):
+                for k, v in list(attrs.items()):
+                    if id(v) in new_by_old:
+                        setattr(mod, k, new_by_old[id(v)])
+    return new_by_old
 
 
 def apply(cg: ChannelGraph, removed_roots: np.ndarray, *,
@@ -130,13 +136,20 @@ def apply(cg: ChannelGraph, removed_roots: np.ndarray, *,
     """Rewrite `cg.gm` in place; returns it, its MACs on the example inputs, and its modules
     by qualified name (as its named_modules())."""
     rctx = RewriteCtx(cg, removed_roots)
-    slice_tensors(cg, rctx.removed, also)
+    new_by_old = slice_tensors(cg, rctx.removed, also)
     for node in list(cg.gm.graph.nodes):
         rule = rule_for(node, rctx)
         if rule.rewrite is not None:
             rule.rewrite(rctx, node)
     rctx.gm = _rebuilt(cg.gm)
-    return rctx.gm, check_shapes(rctx, cg.traced.example_inputs), rctx.modules
+    macs = check_shapes(rctx, cg.traced.example_inputs)
+    # the analysis now describes the pruned model (its gm is that model): its tables hold the
+    # new tensors and modules, and nothing keeps the old, full-size ones alive
+    traced = cg.traced
+    traced.params = {n: new_by_old.get(id(t), t) for n, t in traced.params.items()}
+    traced.buffers = {n: new_by_old.get(id(t), t) for n, t in traced.buffers.items()}
+    traced.modules = rctx.modules
+    return rctx.gm, macs, rctx.modules
 
 
 def _rebuilt(gm: fx.GraphModule) -> fx.GraphModule:

@@ -191,6 +191,26 @@ def test_caller_model_untouched_unless_inplace():
     torch.testing.assert_close(model(x), r.model(x))
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_result_holds_no_full_size_weights(inplace):
+    """The result's analysis describes the pruned model: its tables hold the pruned tensors and
+    modules, and the full-size weights are freed (they had stayed alive through the result)."""
+    import gc
+    import weakref
+
+    model, x = _build("residual")
+    old = weakref.ref(model.stem[0].weight)
+    r = passes.prune(model, x, ratio=0.5, inplace=inplace, verify=False)
+    t = r.graph.traced
+    ids = lambda items: {k: id(v) for k, v in items}  # noqa: E731
+    assert ids(r.model.named_parameters()) == ids(t.params.items())
+    assert ids(r.model.named_buffers()) == ids(t.buffers.items())
+    assert ids(r.model.named_modules()) == ids(t.modules.items())
+    del model
+    gc.collect()
+    assert old() is None
+
+
 def test_plan_roundtrip_and_reapply(tmp_path):
     model, x = _build("loose_params")
     r = passes.prune(model, x, ratio=0.5)
