@@ -69,6 +69,7 @@ class Ctx:
         self.active: list[np.ndarray] = []  # atoms an opaque op computes with (no traced activation)
         self.producers: list[tuple[str, np.ndarray]] = []  # producer slices declared by rules
         self.modules = traced.modules
+        self.conv_weights = traced.conv_weights
         self.tensor_names: dict[int, str] = {}
         for table in (traced.params, traced.buffers):
             for name, t in table.items():
@@ -108,13 +109,18 @@ class Ctx:
         return None
 
     def tensor_labels(self, t: torch.Tensor, name: str | None = None) -> L.Labels:
-        """Labels of a parameter, buffer or constant; fresh atoms the first time it is seen."""
+        """Labels of a parameter, buffer or constant; fresh atoms the first time it is seen, in
+        every dim of more than one position except the kernel dims of a conv module's weight:
+        those are never channels, whatever reads the weight (timm's StdConv standardises it
+        through a reshape that merges them with the input channels, which had reported each
+        kernel position as a pinned channel)."""
         key = self.tensor_names.get(id(t)) or name
         if key is None:
             raise AnalysisError(f"tensor of shape {tuple(t.shape)} is not an attribute of the model")
         if key not in self.param_labels:
+            channel_dims = 2 if key in self.conv_weights else t.dim()
             self.param_labels[key] = tuple(
-                self.uf.fresh(s) if s > 1 else L.zeros(s) for s in t.shape)
+                self.uf.fresh(s) if s > 1 and d < channel_dims else L.zeros(s) for d, s in enumerate(t.shape))
         return self.param_labels[key]
 
     def tie(self, t: torch.Tensor, labels: L.Labels, reason: str) -> None:

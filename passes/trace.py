@@ -40,6 +40,9 @@ class Traced:
     modules: dict = field(default_factory=dict)  # qualified name -> module, as gm.named_modules()
     params: dict = field(default_factory=dict)  # name -> parameter, as gm.named_parameters()
     buffers: dict = field(default_factory=dict)  # name -> buffer, as gm.named_buffers()
+    # weights of the model's conv modules, by name: fx keeps a traced-through conv subclass (timm's
+    # StdConv2d) as a plain Module holding the weight, so the module table cannot tell
+    conv_weights: frozenset = frozenset()
 
 
 def as_inputs(example_inputs) -> tuple:
@@ -74,10 +77,11 @@ def check_dtypes(tensors: dict[str, torch.Tensor]) -> None:
                 f"call model.float() first and convert the pruned model back afterwards")
 
 
-def check_hooks(model: torch.nn.Module) -> None:
+def check_hooks(model: torch.nn.Module, modules: dict | None = None) -> None:
     """torch.fx traces `forward`, not `__call__`: hooks of traced-through modules would vanish,
-    and hooks of leaf modules would change values the rules know nothing of. Refuse both."""
-    for name, m in model.named_modules():
+    and hooks of leaf modules would change values the rules know nothing of. Refuse both.
+    `modules`: the model's `dict(named_modules())` when the caller has it."""
+    for name, m in (model.named_modules() if modules is None else modules.items()):
         hooks = [kind for kind in ("_forward_pre_hooks", "_forward_hooks") if getattr(m, kind, None)]
         if hooks:
             raise InputError(f"module '{name or type(model).__name__}' has {' and '.join(h.strip('_') for h in hooks)}; "
@@ -246,7 +250,8 @@ def _trace_with(tracer: fx.Tracer, model: torch.nn.Module, concrete: dict) -> fx
 
 def trace(model: torch.nn.Module, example_inputs) -> Traced:
     inputs = as_inputs(example_inputs)
-    check_hooks(model)
+    source = dict(model.named_modules())
+    check_hooks(model, source)
     fixed = default_args(model, len(inputs))
     try:
         with eval_mode(model):  # `if self.training:` branches: the inference graph is the one pruned
@@ -267,13 +272,15 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
             raise InputError(f"example input {i} is {t.dtype}; the model is float32: pass float32 inputs")
     # fx rebuilds containers: they take the caller's flags (then an eval-mode model needs no
     # mode switch in the shape pass)
-    copy_training_flags(model, modules)
+    copy_training_flags(source, modules)
+    conv_weights = frozenset(f"{n}.weight" if n else "weight" for n, m in source.items()
+                             if isinstance(m, torch.nn.modules.conv._ConvNd))
     try:
         macs = propagate_shapes(gm, inputs, modules=modules)
     except NodeFailure as e:
         shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in inputs)
         raise InputError(f"the model does not run on example inputs [{shapes}]: {e}") from e.error
-    return Traced(gm, inputs, macs, modules, params, buffers)
+    return Traced(gm, inputs, macs, modules, params, buffers, conv_weights)
 
 
 def _tensors(modules: dict[str, torch.nn.Module]) -> tuple[dict, dict]:
@@ -290,13 +297,13 @@ def _tensors(modules: dict[str, torch.nn.Module]) -> tuple[dict, dict]:
     return tables
 
 
-def copy_training_flags(src: torch.nn.Module, dst: dict[str, torch.nn.Module]) -> None:
-    """Each module of `dst` (by qualified name) takes the training flag of the module of `src`
-    with the same name (fx builds fresh container modules, which start in training mode)."""
-    flags = {name: m.training for name, m in src.named_modules()}
+def copy_training_flags(src: dict[str, torch.nn.Module], dst: dict[str, torch.nn.Module]) -> None:
+    """Each module of `dst` takes the training flag of the module of `src` with the same
+    qualified name (fx builds fresh container modules, which start in training mode)."""
     for name, m in dst.items():
-        if m.training != flags.get(name, m.training):
-            m.training = flags[name]
+        s = src.get(name)
+        if s is not None and m.training != s.training:
+            m.training = s.training
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple, *, fast: bool = True, modules: dict | None = None) -> int:

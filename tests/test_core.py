@@ -648,6 +648,9 @@ def test_weight_standardisation_statistics_follow_the_kept_input_channels():
     assert r.report.verify.ok and r.report.verify.exact, r.report.verify.message
     assert r.model.b.weight.shape[1] < 16 and r.report.macs_after < r.report.macs_before
     assert any(red.node.startswith("batch_norm") for red in r.graph.reductions)
+    # the reshape merges each filter's input channels with its kernel positions, which are not
+    # channels: nothing is pinned there (the kernel positions had been reported as pinned)
+    assert {p.reason.split(" at ")[0] for p in r.report.pinned} == {"model output", "conv input meets a non-channel dim"}
 
 
 class OptionalArgs(nn.Module):
