@@ -14,8 +14,8 @@ optical flow, detection), weights=None, eval mode, each in its own subprocess wi
   the three files interleaved in one `passes.benchmark` run (p50 ms).
 
 A tool succeeds on a model when its pruned model runs, every output keeps its shape,
-MACs after <= 0.6 x MACs before, masked equivalence holds (passes only, where it applies: not
-with a GroupNorm over pruned channels; Torch-Pruning's plan cannot be recovered, so "n/a"),
+MACs after <= 0.6 x MACs before, masked equivalence holds (passes only; Torch-Pruning's plan
+cannot be recovered, so "n/a"),
 the ONNX file exports and ONNX Runtime matches torch. Latency is reported, never judged.
 
     python benchmarks/zoo.py [--family classification|segmentation|video|optical_flow|detection|all]
@@ -512,8 +512,7 @@ def write_results(state: dict) -> None:
               "`num_heads` for each `nn.MultiheadAttention` (ViT). No other per-model help for either tool.",
               "- Success: the pruned model runs, every output keeps its shape, MACs after <= 0.6 x MACs before, "
               "masked equivalence holds (passes only: Torch-Pruning's plan cannot be recovered, so for it "
-              "equivalence is n/a and it is judged on the other checks; equivalence does not apply to a GroupNorm over pruned channels, whose models get the "
-              "forward/shape check), the ONNX file exports (`passes.export_onnx`: checker, shape inference) and "
+              "equivalence is n/a and it is judged on the other checks), the ONNX file exports (`passes.export_onnx`: checker, shape inference) and "
               "ONNX Runtime matches torch (batch 1 and 2). The error shown is the first check that failed.",
               "- Params and MACs: `passes.count(model, x)` for all three models (one counter, so comparable); "
               "M = millions. ORT ms: p50 of 20 interleaved runs after 3 warmup (`passes.benchmark`, the three "

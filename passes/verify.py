@@ -10,11 +10,14 @@ over the kept positions only, which is what the physically smaller model compute
 - "sum" (matmul/einsum contraction, sum): removed positions are zeroed first;
 - "mean": the masked sum is divided by the kept count instead of the full count;
 - "softmax", "max": removed positions are set to -inf (+inf for a min) first;
-- "norm" of LayerNorm, and of F.batch_norm with batch statistics (timm's weight
-  standardisation): mean and variance over kept positions only.
+- "norm" (LayerNorm, GroupNorm, batch statistics of BatchNorm and F.batch_norm as in timm's
+  weight standardisation, instance statistics; modules and functions): mean and variance over
+  the kept positions of the dims the statistics span (for GroupNorm, of each group), then the
+  affine parameters.
 
-GroupNorm statistics over a pruned dim have no such form here; such a model gets the forward
-and shape check, and the report says which node made equivalence inapplicable.
+A normalisation the oracle does not know would make equivalence inapplicable: the model would
+get the forward and shape check, and the report would say which node. Every norm rule of
+`passes.rules` records a reduction the oracle reproduces.
 
 The comparison runs in float32. When it fails, it is repeated in float64 (masked original and a
 float64 copy of the pruned model): a wrong model stays wrong, while float32 rounding that an
@@ -90,9 +93,7 @@ class _KeptOnly(FreshArgs, fx.Interpreter):
         specs = self.masks[n.name]
         kind = specs[0][2]
         if kind == "norm":
-            if _is_batch_norm(n):
-                return self._batch_norm(args, kwargs, specs)
-            return self._layer_norm(n, args, kwargs, specs)
+            return self._norm(n, args, kwargs, specs)
         scale = 1.0
         for i, d, k, keep in specs:
             x = args[i]
@@ -109,65 +110,80 @@ class _KeptOnly(FreshArgs, fx.Interpreter):
         out = getattr(self, n.op)(n.target, tuple(args), kwargs)
         return out * scale if scale != 1.0 else out
 
-    def _batch_norm(self, args, kwargs, specs):
-        """F.batch_norm with batch statistics: per channel (dim 1), mean and biased variance over
-        the kept positions of the other dims (what the smaller tensor's statistics are)."""
-        call = _batch_norm_call(args, kwargs)
+    def _norm(self, n, args, kwargs, specs):
+        """A normalisation whose statistics span pruned positions: the statistics of the masked
+        original are taken over the kept positions only (what the smaller tensor's are), per
+        kind (`_norm_kind`): dims the statistics span, then the affine parameters."""
+        kind = _norm_kind(n, self.fetch_attr)
+        call = _norm_call(kind, n, args, kwargs, self.fetch_attr if n.op == "call_module" else None)
         x = call["input"]
-        keep = torch.ones([1 if d == 1 else s for d, s in enumerate(x.shape)], dtype=torch.bool)
+        keep = torch.ones([1] * x.dim(), dtype=torch.bool)
         for _, d, _, kp in specs:
             shape = [1] * x.dim()
             shape[d] = -1
             keep = keep & kp.view(shape)
-        dims = tuple(d for d in range(x.dim()) if d != 1)
-        cnt = keep.sum()
-        mean = (x * keep).sum(dims, keepdim=True) / cnt
-        var = (((x - mean) * keep) ** 2).sum(dims, keepdim=True) / cnt
-        y = (x - mean) / torch.sqrt(var + call.get("eps", 1e-5))
-        shape = [1] * x.dim()
-        shape[1] = -1
-        if call.get("weight") is not None:
-            y = y * call["weight"].view(shape)
-        if call.get("bias") is not None:
-            y = y + call["bias"].view(shape)
-        return y
-
-    def _layer_norm(self, n, args, kwargs, specs):
-        x = args[0]
-        if n.op == "call_module":
-            m = self.fetch_attr(n.target)
-            w, b, eps, k = m.weight, m.bias, m.eps, len(m.normalized_shape)
-        else:
-            k = len(args[1] if len(args) > 1 else kwargs["normalized_shape"])
-            w = args[2] if len(args) > 2 else kwargs.get("weight")
-            b = args[3] if len(args) > 3 else kwargs.get("bias")
-            eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
-        keep = torch.ones(x.shape[-k:], dtype=torch.bool)
-        for _, d, _, kp in specs:
-            shape = [1] * k
-            shape[d - (x.dim() - k)] = -1
-            keep = keep & kp.view(shape)
-        dims = tuple(range(-k, 0))
-        cnt = keep.sum()
-        xm = x * keep
-        mean = xm.sum(dims, keepdim=True) / cnt
-        var = (((x - mean) * keep) ** 2).sum(dims, keepdim=True) / cnt
-        y = (x - mean) / torch.sqrt(var + eps)
+        if kind == "layer":
+            k = len(call["normalized_shape"])
+            y = _kept_stats(x, keep, tuple(range(x.dim() - k, x.dim())), call["eps"])
+            w_shape = None
+        elif kind == "group":
+            g = call["num_groups"]
+            grouped = [x.shape[0], g, x.shape[1] // g, *x.shape[2:]]
+            keep = keep.expand(1, *x.shape[1:]).reshape(1, *grouped[1:])
+            y = _kept_stats(x.reshape(grouped), keep, tuple(range(2, len(grouped))), call["eps"]).reshape(x.shape)
+            w_shape = [1, -1] + [1] * (x.dim() - 2)
+        else:  # batch statistics: every dim but 1; instance statistics: the spatial dims
+            dims = tuple(d for d in range(x.dim()) if d != 1) if kind == "batch" else tuple(range(2, x.dim()))
+            y = _kept_stats(x, keep, dims, call["eps"])
+            w_shape = [1, -1] + [1] * (x.dim() - 2)
+        w, b = call.get("weight"), call.get("bias")
         if w is not None:
-            y = y * w
+            y = y * (w if w_shape is None else w.view(w_shape))
         if b is not None:
-            y = y + b
+            y = y + (b if w_shape is None else b.view(w_shape))
         return y
 
 
-def _is_batch_norm(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target is F.batch_norm
+
+def _kept_stats(x: torch.Tensor, keep: torch.Tensor, dims: tuple, eps: float) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps), mean and biased variance over `dims` counting only the
+    positions `keep` (a bool tensor that broadcasts to x) marks."""
+    cnt = keep.expand(x.shape).sum(dims, keepdim=True).to(x.dtype)
+    mean = (x * keep).sum(dims, keepdim=True) / cnt
+    var = (((x - mean) * keep) ** 2).sum(dims, keepdim=True) / cnt
+    return (x - mean) / torch.sqrt(var + eps)
 
 
-def _batch_norm_call(args: list, kwargs: dict) -> dict:
-    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-    call = dict(zip(names, args))
-    call.update(kwargs)
+_NORM_MODULES = ((torch.nn.modules.batchnorm._BatchNorm, "batch"), (torch.nn.modules.instancenorm._InstanceNorm, "instance"),
+                 (torch.nn.LayerNorm, "layer"), (torch.nn.GroupNorm, "group"))
+_NORM_FUNCTIONS = {F.batch_norm: "batch", F.instance_norm: "instance", F.layer_norm: "layer", F.group_norm: "group"}
+_NORM_ARGS = {"batch": ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+              "instance": ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
+              "layer": ("input", "normalized_shape", "weight", "bias", "eps"),
+              "group": ("input", "num_groups", "weight", "bias", "eps")}
+
+
+def _norm_kind(n: fx.Node, module) -> str | None:
+    """"batch", "instance", "layer" or "group" for a norm module or function node, else None.
+    `module`: target name -> module."""
+    if n.op == "call_module":
+        m = module(n.target)
+        return next((kind for cls, kind in _NORM_MODULES if isinstance(m, cls)), None)
+    return _NORM_FUNCTIONS.get(n.target) if n.op == "call_function" else None
+
+
+def _norm_call(kind: str, n: fx.Node, args, kwargs, fetch) -> dict:
+    """The norm's input, statistics extent, eps and affine parameters, from the module (`fetch`
+    given) or from the function's arguments."""
+    if fetch is not None:
+        m = fetch(n.target)
+        call = dict(input=args[0], eps=m.eps, weight=m.weight, bias=m.bias)
+        if kind == "layer":
+            call["normalized_shape"] = m.normalized_shape
+        elif kind == "group":
+            call["num_groups"] = m.num_groups
+        return call
+    call = {"eps": 1e-5, **dict(zip(_NORM_ARGS[kind], args)), **kwargs}
     return call
 
 
@@ -181,25 +197,13 @@ def _masks(cg, removed) -> tuple[dict, list[str]]:
                 kinds.append((red.arg, d, red.kind, torch.from_numpy(~rm)))
         if not kinds:
             continue
-        if red.kind == "norm" and not _is_layer_norm(cg, red.node) and not _exact_batch_norm(cg, red.node):
-            inexact.append(f"'{red.node}' normalises over pruned channels (group statistics change)")
+        n = _node(cg, red.node)
+        if red.kind == "norm" and (n is None or _norm_kind(n, cg.traced.gm.get_submodule) is None):
+            inexact.append(f"'{red.node}' normalises over pruned channels in a way the oracle does not "
+                           f"reproduce (statistics change)")
             continue
         masks.setdefault(red.node, []).extend(kinds)
     return masks, inexact
-
-
-def _exact_batch_norm(cg, name) -> bool:
-    """F.batch_norm (its reductions are recorded only for batch statistics): the oracle
-    normalises over kept positions."""
-    n = _node(cg, name)
-    return n is not None and _is_batch_norm(n)
-
-
-def _is_layer_norm(cg, name) -> bool:
-    n = _node(cg, name)
-    if n is not None and n.op == "call_module":
-        return isinstance(cg.traced.gm.get_submodule(n.target), torch.nn.LayerNorm)
-    return n is not None and n.target is F.layer_norm
 
 
 def _node(cg, name: str) -> fx.Node | None:

@@ -172,8 +172,9 @@ class Norms(nn.Module):
         return self.out(F.relu(self.inn(self.c4(x))))
 
 
-class NormsExact(Norms):
-    """Norms without GroupNorm (whose group statistics make equivalence inapplicable)."""
+class NormsChannelGroups(Norms):
+    """Norms with one channel per GroupNorm group: per-channel statistics, the group count
+    follows the channels."""
 
     def __init__(self):
         super().__init__()
@@ -420,7 +421,8 @@ STRUCTURES = {
     "flatten_linear": (FlattenLinear, image),
     "shuffle": (Shuffle, image),
     "grouped": (Grouped, image),
-    "norms": (NormsExact, image),
+    "norms": (Norms, image),
+    "norms_channel_groups": (NormsChannelGroups, image),
     "squeeze_excite": (SqueezeExcite, image),
     "shared": (Shared, image),
     "loose_params": (LooseParams, image),

@@ -70,7 +70,7 @@ def test_closed_form_shapes_equal_torch_meta_kernels(name):
         assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("name", ["concat", "shuffle", "hand_attention", "mha_seq_first", "convs"])
+@pytest.mark.parametrize("name", ["concat", "shuffle", "hand_attention", "mha_seq_first", "convs", "norms"])
 def test_verify_detects_a_corrupted_model(name):
     model, x = _build(name)
     r = passes.prune(model, x, ratio=0.5)
@@ -124,14 +124,21 @@ def test_mnist_literal_view_is_rewritten():
     assert r.model(x).shape == (2, 10)
 
 
-def test_groupnorm_over_pruned_channels_is_reported_not_equivalent():
+def test_groupnorm_statistics_follow_the_kept_channels():
+    """GroupNorm(4, 16) loses channels in every group; the oracle takes each group's statistics
+    over its kept channels, so the pruned model is checked exactly (it was reported as
+    "equivalence does not apply" before), and a wrong GroupNorm is caught."""
     torch.manual_seed(0)
     model, x = Norms().eval(), image()
     r = passes.prune(model, x, ratio=0.5)
     v = r.report.verify
-    assert v.ok and v.shapes_match and not v.exact
-    assert any("'gn'" in why for why in v.inexact)
-    assert r.model.gn.num_groups == 4 and r.model.gn.num_channels == r.model.c2.out_channels
+    assert v.ok and v.exact and v.max_rel_error <= 1e-4, v.message
+    assert r.model.gn.num_groups == 4 and r.model.gn.num_channels == r.model.c2.out_channels < 16
+    with torch.no_grad():  # two kept channels swap groups: each group's statistics change
+        c = r.model.gn.num_channels // 4
+        w = r.model.c2.weight
+        w[[0, c]] = w[[c, 0]]
+    assert not passes.verify(model, r, x).ok
 
 
 def test_unknown_op_pins_its_channels_and_says_so():
@@ -727,8 +734,30 @@ def test_functional_group_norm_has_the_module_rule(groups):
     r = passes.prune(model, x, ratio=0.5)
     assert r.report.verify.ok, r.report.verify.message
     assert r.model.a.out_channels < 8 and r.model.w.shape == (r.model.a.out_channels,)
-    if groups == 8:  # per-channel statistics: the pruned model is exactly the masked original
-        assert r.report.verify.exact
-        assert r.model(x).shape == model(x).shape
-    else:  # statistics over pruned channels: equivalence does not apply (as for the module)
-        assert not r.report.verify.exact and r.model.a.out_channels % groups == 0
+    # per-channel statistics (8 groups), or each group's statistics over its kept channels (2)
+    assert r.report.verify.exact, r.report.verify.message
+    if groups == 2:  # position j of both groups goes together: the groups stay equal
+        assert r.model.a.out_channels % 2 == 0
+
+
+class StatsOverChannels(nn.Module):
+    """Statistics spanning channel positions in a [batch, tokens, channels] layout:
+    InstanceNorm1d (per token) and BatchNorm1d with batch statistics (per token, over the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 4)
+        self.inn = nn.InstanceNorm1d(5, affine=True)
+        self.bn = nn.BatchNorm1d(5, track_running_stats=False)
+
+    def forward(self, x):
+        return self.b(F.relu(self.bn(self.inn(F.relu(self.a(x))))))
+
+
+def test_instance_and_batch_statistics_over_channels_are_checked_exactly():
+    torch.manual_seed(0)
+    model, x = StatsOverChannels().eval(), torch.randn(3, 5, 6)
+    r = passes.prune(model, x, ratio=0.5)
+    assert r.model.a.out_features < 16
+    assert {red.node for red in r.graph.reductions} == {"inn", "bn"}
+    assert r.report.verify.exact and r.report.verify.max_rel_error <= 1e-4, r.report.verify.message

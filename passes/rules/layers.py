@@ -5,8 +5,9 @@ parameters; consumers unify their input dim with the weight's input dim, which i
 *passive* (it does not define a group). Grouped convs keep every group the same size:
 depthwise convs (one input channel per group) remove whole groups, so `groups` shrinks with
 the channels; other grouped convs remove position j of every group at once, keeping `groups`.
-Norm layers label their parameters with the channels they normalise; LayerNorm and GroupNorm
-record a "norm" reduction when those channels can be removed (their statistics change).
+Norm layers label their parameters with the channels they normalise, and record a "norm"
+reduction over the dims their statistics span (LayerNorm's normalised dims, GroupNorm's groups,
+batch statistics, instance statistics) when those can lose positions: the statistics change.
 Rewrites set module attributes from the sliced parameters (in/out_channels, groups,
 num_features, normalized_shape, ...), so the module is consistent with its weights.
 """
@@ -158,6 +159,15 @@ def _batch_norm(ctx, node):
     return x
 
 
+def _instance_norm(ctx, node):
+    m = ctx.module(node)
+    x = ctx.labels(node.args[0])
+    _channel_params(ctx, m, x[1], ("weight", "bias", "running_mean", "running_var"))
+    if m.training or m.running_mean is None:  # per sample and channel, over the spatial dims
+        ctx.reduce(0, range(2, len(x)), "norm", x)
+    return x
+
+
 def _num_features_rewrite(rctx, node):
     m = rctx.module(node)
     m.num_features = rctx.count(rctx.labels_of(node.args[0])[1])
@@ -224,14 +234,21 @@ def _group_norm(ctx, node):
     m = ctx.module(node)
     x = ctx.labels(node.args[0])
     c = x[1]
-    per = len(c) // m.num_groups
-    if per > 1:
-        grid = c.reshape(m.num_groups, per)
-        for g in range(1, m.num_groups):
-            ctx.unify(grid[0].copy(), grid[g].copy())
-        ctx.reduce(0, (1,), "norm", x)
+    _group_stats(ctx, x, m.num_groups)
     _channel_params(ctx, m, c, ("weight", "bias"))
     return x
+
+
+def _group_stats(ctx, x, groups):
+    """Position j of every group goes together (groups stay the same size); the statistics
+    span a group's channels (when it holds several) and the spatial dims."""
+    c = x[1]
+    per = len(c) // groups
+    if per > 1:
+        grid = c.reshape(groups, per)
+        for g in range(1, groups):
+            ctx.unify(grid[0].copy(), grid[g].copy())
+    ctx.reduce(0, range(1 if per > 1 else 2, len(x)), "norm", x)
 
 
 def _group_norm_rewrite(rctx, node):
@@ -249,12 +266,7 @@ def _group_norm_fn(ctx, node):
     if x is None or type(groups) is not int or groups <= 0 or len(x) < 2 or len(x[1]) % groups:
         return UNKNOWN.labels(ctx, node)
     c = x[1]
-    per = len(c) // groups
-    if per > 1:
-        grid = c.reshape(groups, per)
-        for g in range(1, groups):
-            ctx.unify(grid[0].copy(), grid[g].copy())
-        ctx.reduce(0, (1,), "norm", x)
+    _group_stats(ctx, x, groups)
     for i, name in ((2, "weight"), (3, "bias")):
         n = arg(node, i, name)
         p = ctx.labels(n)
@@ -294,7 +306,7 @@ EMBEDDING = Rule(_embedding, _embedding_rewrite)
 BATCH_NORM = Rule(_batch_norm, _num_features_rewrite)
 BATCH_NORM_FN = Rule(_batch_norm_fn)
 GROUP_NORM_FN = Rule(_group_norm_fn, _group_norm_fn_rewrite)
-INSTANCE_NORM = Rule(_batch_norm, _num_features_rewrite)
+INSTANCE_NORM = Rule(_instance_norm, _num_features_rewrite)
 LAYER_NORM = Rule(_layer_norm, _layer_norm_rewrite)
 LAYER_NORM_FN = Rule(_layer_norm_fn, _layer_norm_fn_rewrite)
 GROUP_NORM = Rule(_group_norm, _group_norm_rewrite)
