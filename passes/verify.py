@@ -144,7 +144,6 @@ class _KeptOnly(FreshArgs, fx.Interpreter):
         return y
 
 
-
 def _kept_stats(x: torch.Tensor, keep: torch.Tensor, dims: tuple, eps: float) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps), mean and biased variance over `dims` counting only the
     positions `keep` (a bool tensor that broadcasts to x) marks."""
@@ -183,8 +182,7 @@ def _norm_call(kind: str, n: fx.Node, args, kwargs, fetch) -> dict:
         elif kind == "group":
             call["num_groups"] = m.num_groups
         return call
-    call = {"eps": 1e-5, **dict(zip(_NORM_ARGS[kind], args)), **kwargs}
-    return call
+    return {"eps": 1e-5, **dict(zip(_NORM_ARGS[kind], args)), **kwargs}
 
 
 def _masks(cg, removed) -> tuple[dict, list[str]]:
