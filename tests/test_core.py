@@ -127,14 +127,15 @@ def test_mnist_literal_view_is_rewritten():
 def test_groupnorm_statistics_follow_the_kept_channels():
     """GroupNorm(4, 16) loses channels in every group; the oracle takes each group's statistics
     over its kept channels, so the pruned model is checked exactly (it was reported as
-    "equivalence does not apply" before), and a wrong GroupNorm is caught."""
+    "equivalence does not apply" before), and a wrong model around it is caught."""
     torch.manual_seed(0)
     model, x = Norms().eval(), image()
     r = passes.prune(model, x, ratio=0.5)
     v = r.report.verify
     assert v.ok and v.exact and v.max_rel_error <= 1e-4, v.message
     assert r.model.gn.num_groups == 4 and r.model.gn.num_channels == r.model.c2.out_channels < 16
-    with torch.no_grad():  # two kept channels swap groups: each group's statistics change
+    with torch.no_grad():  # two kept channels of different groups swap: a wrong model, which
+        # the forward/shape check alone (all GroupNorm models had before) let through
         c = r.model.gn.num_channels // 4
         w = r.model.c2.weight
         w[[0, c]] = w[[c, 0]]
