@@ -10,7 +10,8 @@
    node: a wrong model is never returned silently.
 
 The GraphModule given is modified in place and returned; `passes.prune` hands it a trace of a
-deep copy of the model unless the caller asked for `inplace=True`.
+deep copy of the model unless the caller asked for `inplace=True`. Afterwards the analysis's
+tables (`Traced.params`, `.buffers`, `.modules`) hold the pruned model's tensors and modules.
 """
 
 from __future__ import annotations

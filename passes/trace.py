@@ -32,7 +32,8 @@ _SUPPORTED_DTYPES = (torch.float32,)
 @dataclass
 class Traced:
     """The traced GraphModule, the inputs it was traced with, and its tables (each walked once
-    here: the later stages read them instead of walking the module tree again)."""
+    here: the later stages read them instead of walking the module tree again; a rewrite points
+    them at the pruned model's tensors and modules)."""
 
     gm: fx.GraphModule
     example_inputs: tuple
