@@ -4,17 +4,18 @@ On meta tensors most of a forward's cost is torch's Python meta kernels: measure
 (224x224), BatchNorm2d took 1.2 ms per call on meta, Conv2d 0.12 ms, a residual add 0.23 ms,
 while the formula below costs a few microseconds; a pooling layer or a flatten that ran its
 kernel cost 0.4-0.8 ms each (the three in resnet50 were half of its meta pass), a cat 0.44 ms
-(densenet201 has 102). `fast_meta` returns the output of a node (a meta tensor) and its MACs, or None when the op is not one of these, or when anything about
-the call (a subclass, a padding mode, a dtype, a size that does not fit) is outside the
-formula: then the op itself runs on meta tensors, exactly as before, and raises if it must.
+(densenet201 has 102). `fast_meta` returns the output of a node (a meta tensor) and its MACs,
+or None when the op is not one of these, or when anything about the call (a subclass, a
+padding mode, a dtype, a size that does not fit) is outside the formula: then the op itself
+runs on meta tensors, exactly as before, and raises if it must.
 
 MACs equal what `torch.utils.flop_counter.FlopCounterMode` counts for the same call
 (`passes.count`): conv = batch x prod(weight shape) x prod(output spatial), linear = rows x
 in x out, attention = its projections plus 2 x batch x queries x keys x head width per head,
 normalisation, activations, pooling, flatten and elementwise arithmetic 0. Channel counts
-come from the weights, as in the functional ops, never from module attributes. tests/test_core.py and
-tests/test_torchvision.py compare every node's tensor_meta (strides included) and the MACs with
-the plain meta pass, on whole models, before and after pruning.
+come from the weights, as in the functional ops, never from module attributes.
+tests/test_core.py and tests/test_torchvision.py compare every node's tensor_meta (strides
+included) and the MACs with the plain meta pass, on whole models, before and after pruning.
 """
 
 from __future__ import annotations

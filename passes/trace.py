@@ -203,12 +203,13 @@ def _traceable_transformers():
         tx._get_seq_len = original
 
 
-def symbolic_trace(model: torch.nn.Module, concrete: dict | None = None) -> fx.GraphModule:
+def symbolic_trace(model: torch.nn.Module, concrete: dict | None = None, modules=None) -> fx.GraphModule:
     """`torch.fx.symbolic_trace` with passes' tracer. nn.Transformer* modules are traced through;
     if that fails (masks passed as traced values), they are traced again as leaves. `concrete`:
-    forward's parameters fixed to a value (`default_args`)."""
+    forward's parameters fixed to a value (`default_args`); `modules`: all of model's modules,
+    when the caller has them."""
     concrete = concrete or {}
-    if any(type(m) in _TRANSFORMERS for m in model.modules()):
+    if any(type(m) in _TRANSFORMERS for m in (model.modules() if modules is None else modules)):
         try:
             with _traceable_transformers():
                 return _trace_with(_Tracer(open_transformers=True), model, concrete)
@@ -255,8 +256,9 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
     check_hooks(model, source)
     fixed = default_args(model, len(inputs))
     try:
-        with eval_mode(model):  # `if self.training:` branches: the inference graph is the one pruned
-            gm = symbolic_trace(model, fixed)
+        # `if self.training:` branches: the inference graph is the one pruned
+        with eval_mode(model, source.values()):
+            gm = symbolic_trace(model, fixed, source.values())
     except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ... from user code
         raise TraceError(_trace_message(model, e)) from e
     # parameters fixed to their defaults keep a placeholder (with the default) each

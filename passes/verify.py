@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from .channels import attr_at
 from .errors import InputError, VerificationError
 from .plan import removed_mask
+from .rules import layers as Ly, rule_for
 from .trace import FreshArgs, as_inputs, default_args, eval_mode, symbolic_trace
 
 
@@ -92,8 +92,8 @@ class _KeptOnly(FreshArgs, fx.Interpreter):
         args = list(args)
         specs = self.masks[n.name]
         kind = specs[0][2]
-        if kind == "norm":
-            return self._norm(n, args, kwargs, specs)
+        if kind in _NORM_KINDS:
+            return self._norm(kind, n, args, kwargs, specs)
         scale = 1.0
         for i, d, k, keep in specs:
             x = args[i]
@@ -110,11 +110,10 @@ class _KeptOnly(FreshArgs, fx.Interpreter):
         out = getattr(self, n.op)(n.target, tuple(args), kwargs)
         return out * scale if scale != 1.0 else out
 
-    def _norm(self, n, args, kwargs, specs):
+    def _norm(self, kind, n, args, kwargs, specs):
         """A normalisation whose statistics span pruned positions: the statistics of the masked
         original are taken over the kept positions only (what the smaller tensor's are), per
-        kind (`_norm_kind`): dims the statistics span, then the affine parameters."""
-        kind = _norm_kind(n, self.fetch_attr)
+        kind (`_NORM_RULES`): dims the statistics span, then the affine parameters."""
         call = _norm_call(kind, n, args, kwargs, self.fetch_attr if n.op == "call_module" else None)
         x = call["input"]
         keep = torch.ones([1] * x.dim(), dtype=torch.bool)
@@ -153,22 +152,14 @@ def _kept_stats(x: torch.Tensor, keep: torch.Tensor, dims: tuple, eps: float) ->
     return (x - mean) / torch.sqrt(var + eps)
 
 
-_NORM_MODULES = ((torch.nn.modules.batchnorm._BatchNorm, "batch"), (torch.nn.modules.instancenorm._InstanceNorm, "instance"),
-                 (torch.nn.LayerNorm, "layer"), (torch.nn.GroupNorm, "group"))
-_NORM_FUNCTIONS = {F.batch_norm: "batch", F.instance_norm: "instance", F.layer_norm: "layer", F.group_norm: "group"}
+# the norm rules (the only ones that record "norm" reductions) -> how the oracle normalises
+_NORM_RULES = {Ly.BATCH_NORM: "batch", Ly.BATCH_NORM_FN: "batch", Ly.INSTANCE_NORM: "instance",
+               Ly.LAYER_NORM: "layer", Ly.LAYER_NORM_FN: "layer", Ly.GROUP_NORM: "group", Ly.GROUP_NORM_FN: "group"}
+_NORM_KINDS = frozenset(_NORM_RULES.values())
+# the parameters of the functional forms (F.batch_norm, F.layer_norm, F.group_norm)
 _NORM_ARGS = {"batch": ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-              "instance": ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
               "layer": ("input", "normalized_shape", "weight", "bias", "eps"),
               "group": ("input", "num_groups", "weight", "bias", "eps")}
-
-
-def _norm_kind(n: fx.Node, module) -> str | None:
-    """"batch", "instance", "layer" or "group" for a norm module or function node, else None.
-    `module`: target name -> module."""
-    if n.op == "call_module":
-        m = module(n.target)
-        return next((kind for cls, kind in _NORM_MODULES if isinstance(m, cls)), None)
-    return _NORM_FUNCTIONS.get(n.target) if n.op == "call_function" else None
 
 
 def _norm_call(kind: str, n: fx.Node, args, kwargs, fetch) -> dict:
@@ -195,11 +186,14 @@ def _masks(cg, removed) -> tuple[dict, list[str]]:
                 kinds.append((red.arg, d, red.kind, torch.from_numpy(~rm)))
         if not kinds:
             continue
-        n = _node(cg, red.node)
-        if red.kind == "norm" and (n is None or _norm_kind(n, cg.traced.gm.get_submodule) is None):
-            inexact.append(f"'{red.node}' normalises over pruned channels in a way the oracle does not "
-                           f"reproduce (statistics change)")
-            continue
+        if red.kind == "norm":
+            n = _node(cg, red.node)
+            norm = _NORM_RULES.get(rule_for(n, cg.traced)) if n is not None else None
+            if norm is None:
+                inexact.append(f"'{red.node}' normalises over pruned channels in a way the oracle does not "
+                               f"reproduce (statistics change)")
+                continue
+            kinds = [(i, d, norm, keep) for i, d, _, keep in kinds]
         masks.setdefault(red.node, []).extend(kinds)
     return masks, inexact
 

@@ -150,22 +150,29 @@ def _channel_params(ctx, m, x_ch, names):
             ctx.mark_passive(None, t)
 
 
-def _batch_norm(ctx, node):
+def _batch_norm(ctx, node, instance: bool = False):
     m = ctx.module(node)
     x = ctx.labels(node.args[0])
     _channel_params(ctx, m, x[1], ("weight", "bias", "running_mean", "running_var"))
-    if m.training or m.running_mean is None:  # batch statistics, over every dim but 1
-        ctx.reduce(0, [d for d in range(len(x)) if d != 1], "norm", x)
+    if m.training or m.running_mean is None:  # batch statistics over every dim but 1; instance
+        # statistics (per sample and channel) over the spatial dims
+        ctx.reduce(0, range(2, len(x)) if instance else [d for d in range(len(x)) if d != 1], "norm", x)
     return x
 
 
 def _instance_norm(ctx, node):
-    m = ctx.module(node)
-    x = ctx.labels(node.args[0])
-    _channel_params(ctx, m, x[1], ("weight", "bias", "running_mean", "running_var"))
-    if m.training or m.running_mean is None:  # per sample and channel, over the spatial dims
-        ctx.reduce(0, range(2, len(x)), "norm", x)
-    return x
+    return _batch_norm(ctx, node, instance=True)
+
+
+def _fn_channel_params(ctx, node, x_ch, params):
+    """A norm function's per-channel parameter arguments ((position, name) pairs) carry the
+    channels it normalises."""
+    for i, name in params:
+        n = arg(node, i, name)
+        p = ctx.labels(n)
+        if p is not None:
+            ctx.unify(x_ch, p[0], ctx.why("norm parameter"))
+            ctx.mark_passive(None, _tensor_of(ctx, n))
 
 
 def _num_features_rewrite(rctx, node):
@@ -175,12 +182,7 @@ def _num_features_rewrite(rctx, node):
 
 def _batch_norm_fn(ctx, node):
     x = ctx.labels(node.args[0])
-    for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
-        n = arg(node, i, name)
-        p = ctx.labels(n)
-        if p is not None:
-            ctx.unify(x[1], p[0], ctx.why("norm parameter"))
-            ctx.mark_passive(None, _tensor_of(ctx, n))
+    _fn_channel_params(ctx, node, x[1], ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")))
     if arg(node, 5, "training", False) is not False or arg(node, 1, "running_mean") is None:
         # batch statistics over every dim but 1 (timm's weight standardisation runs this on a
         # conv weight viewed as [1, out, in * k * k]: the statistics span the input channels)
@@ -265,14 +267,8 @@ def _group_norm_fn(ctx, node):
     groups = arg(node, 1, "num_groups")
     if x is None or type(groups) is not int or groups <= 0 or len(x) < 2 or len(x[1]) % groups:
         return UNKNOWN.labels(ctx, node)
-    c = x[1]
     _group_stats(ctx, x, groups)
-    for i, name in ((2, "weight"), (3, "bias")):
-        n = arg(node, i, name)
-        p = ctx.labels(n)
-        if p is not None:
-            ctx.unify(c, p[0], ctx.why("norm parameter"))
-            ctx.mark_passive(None, _tensor_of(ctx, n))
+    _fn_channel_params(ctx, node, x[1], ((2, "weight"), (3, "bias")))
     return x
 
 
