@@ -135,7 +135,7 @@ class _Tracer(fx.Tracer):
             return False
         return isinstance(m, SlimMultiheadAttention) or super().is_leaf_module(m, qualname)
 
-    # The two overrides below only skip work for the commonest cases; the graph they build is
+    # The overrides below only skip work for the commonest cases; the graph they build is
     # fx's own (tests/test_core.py compares the two on every test structure and two models).
     def create_arg(self, a):
         """fx's Tracer.create_arg tests a value against parameters, tensors, modules, named
@@ -154,13 +154,26 @@ class _Tracer(fx.Tracer):
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         """As fx's, without the copy of the module call stack it puts in every node's meta
-        (`nn_module_stack`, which nothing here reads): fx's path is kept whenever one of its
-        options (stack traces, preserved node meta, mutation checks) is on."""
-        if self.check_mutable_operations or self.record_stack_traces or fx_traceback.has_preserved_node_meta():
+        (`nn_module_stack`, which nothing here reads) and without the scope record per node
+        (`node_name_to_scope`, read by nothing here either)."""
+        if self._fx_path():
             return super().create_node(kind, target, args, kwargs, name, type_expr)
-        node = _append_node(self.graph, kind, target, args, kwargs, name, type_expr)
-        self.node_name_to_scope[node.name] = (self.scope.module_path, self.scope.module_type)
-        return node
+        return _append_node(self.graph, kind, target, args, kwargs, name, type_expr)
+
+    def call_module(self, m, forward, args, kwargs):
+        """As fx's, without the bookkeeping of module scopes and the call stack (a copy of the
+        scope and two ordered-dict updates per module call) that only the node meta above used."""
+        if self._fx_path():
+            return super().call_module(m, forward, args, kwargs)
+        path = self.path_of_module(m)
+        if not self.is_leaf_module(m, path):
+            return forward(*args, **kwargs)
+        return self.create_proxy("call_module", path, args, kwargs)
+
+    def _fx_path(self) -> bool:
+        """fx's own path is kept whenever one of its options that read the scope or the node meta
+        (stack traces, preserved node meta, mutation checks) is on."""
+        return self.check_mutable_operations or self.record_stack_traces or fx_traceback.has_preserved_node_meta()
 
 
 def _append_node(g: fx.Graph, op, target, args, kwargs, name, type_expr) -> fx.Node:
@@ -244,10 +257,70 @@ def _trace_with(tracer: fx.Tracer, model: torch.nn.Module, concrete: dict) -> fx
     _LazyGraphModule): analysis only reads the graph, and the pruned model becomes a plain
     GraphModule after the rewrite (`passes.rewrite.apply`), so code generated here was thrown
     away (about 6 ms of resnet50's 25 ms trace)."""
-    from torch.fx._lazy_graph_module import _LazyGraphModule
-
     graph = tracer.trace(model, concrete_args=concrete or None)
-    return _LazyGraphModule(tracer.root, graph, type(model).__name__)
+    return graph_module(tracer.root, graph, type(model).__name__)
+
+
+def graph_module(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """torch.fx's `_LazyGraphModule(root, graph, class_name)`, built faster: fx copies every module
+    and tensor the graph names into a new tree with generic getattr/setattr, a caught
+    AttributeError per container it has not made yet (two thirds of the construction). The tree
+    here is the same (plain nn.Module containers, the same leaf modules and tensors, buffers
+    registered as buffers), with the containers' module tables written directly; fx's own
+    construction is used whenever global module registration hooks would see those writes."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+    from torch.nn.modules.module import _global_module_registration_hooks
+
+    if _global_module_registration_hooks:
+        return _LazyGraphModule(root, graph, class_name)
+    gm = _LazyGraphModule(root, fx.Graph(), class_name)  # an empty graph: nothing copied yet
+    for node in graph.nodes:
+        if node.op == "call_module" or node.op == "get_attr":
+            _copy_attr(root, gm, node.target)
+    gm.graph = graph
+    if graph._tracer_cls and "<locals>" not in graph._tracer_cls.__qualname__:  # as GraphModule.__init__
+        gm._tracer_cls = graph._tracer_cls
+    if graph._tracer_extras:
+        gm._tracer_extras = graph._tracer_extras
+    return gm
+
+
+def _attr(m: torch.nn.Module, name: str):
+    """getattr(m, name), reading a parameter, buffer or submodule from its table directly when
+    neither the instance nor its class has the name (nn.Module.__getattr__'s case)."""
+    if name not in vars(m) and not hasattr(type(m), name):
+        for table in (m._parameters, m._buffers, m._modules):
+            if name in table:
+                return table[name]
+    return getattr(m, name)
+
+
+def _holds(m: torch.nn.Module, name: str) -> bool:
+    """`name` is a plain attribute, parameter or buffer of `m`."""
+    return name in vars(m) or name in m._parameters or name in m._buffers
+
+
+def _copy_attr(src: torch.nn.Module, dst: torch.nn.Module, target: str) -> None:
+    """torch.fx.graph_module._copy_attr: install `src.<target>` at `dst.<target>`, making plain
+    containers on the way; nothing to do under a module already installed whole."""
+    *prefix, leaf = target.split(".")
+    for item in prefix:
+        s = _attr(src, item)
+        d = dst._modules.get(item)
+        if d is None and _holds(dst, item):
+            d = getattr(dst, item)
+        if s is d:
+            return
+        if d is None:
+            d = dst._modules[item] = torch.nn.Module()
+        src, dst = s, d
+    value = _attr(src, leaf)
+    if isinstance(value, torch.nn.Module) and not _holds(dst, leaf):  # what setattr does then
+        dst._modules[leaf] = value
+    elif isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        dst.register_buffer(leaf, value, persistent=leaf not in src._non_persistent_buffers_set)
+    else:
+        setattr(dst, leaf, value)
 
 
 def trace(model: torch.nn.Module, example_inputs) -> Traced:

@@ -536,6 +536,51 @@ def test_tracer_shortcuts_build_fx_own_graph(name):
     assert [n.meta.get("nn_module_stack") for n in ours.nodes] == [None] * len(ours.nodes)
 
 
+class NonPersistent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Sequential(nn.Linear(4, 4))
+        self.lin.register_buffer("scale", torch.ones(4), persistent=False)
+
+    def forward(self, x):
+        return self.lin(x) * self.lin.scale
+
+
+@pytest.mark.parametrize("name", [*STRUCTURES, "swin_t", "non_persistent"])
+def test_graph_module_builds_fx_own_tree(name):
+    """passes builds the traced GraphModule's module tree itself; it must be the one torch.fx's
+    GraphModule constructor builds: the same names, module types, leaf modules and tensors
+    (each tied tensor under each of its names), buffers persistent or not as in the model."""
+    import torchvision
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    from passes.trace import _Tracer, graph_module
+
+    model = STRUCTURES[name][0]() if name in STRUCTURES else NonPersistent() if name == "non_persistent" \
+        else torchvision.models.get_model(name, weights=None)
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    theirs, ours = _LazyGraphModule(tracer.root, graph, "M"), graph_module(tracer.root, graph, "M")
+    mods_t, mods_o = dict(theirs.named_modules(remove_duplicate=False)), dict(ours.named_modules(remove_duplicate=False))
+    assert list(mods_o) == list(mods_t)
+    for k, m in mods_t.items():
+        if k:
+            assert type(mods_o[k]) is type(m)
+            assert mods_o[k] is m or type(m) is nn.Module  # leaves shared, containers fresh
+    for table in ("named_parameters", "named_buffers"):
+        assert [(k, id(v)) for k, v in getattr(ours, table)(remove_duplicate=False)] == \
+               [(k, id(v)) for k, v in getattr(theirs, table)(remove_duplicate=False)]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert ours.graph is graph and ours.training == theirs.training and ours._tracer_cls is theirs._tracer_cls
+    assert ours(*[t for t in _inputs(name)]) is not None
+
+
+def _inputs(name):
+    x = STRUCTURES[name][1]() if name in STRUCTURES else torch.randn(2, 4) if name == "non_persistent" \
+        else torch.randn(1, 3, 64, 64)
+    return x if isinstance(x, tuple) else (x,)
+
+
 class Tied(nn.Module):
     def __init__(self):
         super().__init__()
