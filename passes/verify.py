@@ -71,10 +71,8 @@ def masked_copy(original: torch.nn.Module, plan, n_inputs: int) -> fx.GraphModul
     with eval_mode(model):  # traced as the pruned model was: eval-mode branches
         gm = symbolic_trace(model, default_args(model, n_inputs))
     with torch.no_grad():
-        for name, dims in plan.removed.items():
-            t = attr_at(gm, name)
-            for d, idx in dims.items():
-                t.index_fill_(int(d), torch.tensor(idx, dtype=torch.long), 0.0)
+        for name, d, idx in plan.indices():
+            attr_at(gm, name).index_fill_(int(d), torch.as_tensor(idx, dtype=torch.long), 0.0)
     return gm
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -229,6 +230,23 @@ def test_plan_roundtrip_and_reapply(tmp_path):
     again.model.load_state_dict(r.model.state_dict())
     torch.testing.assert_close(again.model(x), r.model(x))
     assert again.plan.removed == r.plan.removed
+
+
+def test_plan_lists_are_what_counts_once_read(tmp_path):
+    """A prune's plan keeps index arrays and makes its lists when `removed` is first read; from
+    then on the (editable) lists are the plan: what it verifies against, saves and compares."""
+    model, x = _build("residual")
+    plan = passes.prune(model, x, ratio=0.5).plan
+    arrays = {(n, d): np.asarray(i).copy() for n, d, i in plan.indices()}
+    assert arrays and all(isinstance(i, np.ndarray) for _, _, i in plan.indices())
+    lists = plan.removed
+    assert {(n, d): i for n, dims in lists.items() for d, i in dims.items()} == {k: v.tolist() for k, v in arrays.items()}
+    name = next(iter(lists))
+    lists[name][0] = lists[name][0][:-1]
+    assert next(i for n, d, i in plan.indices() if (n, d) == (name, 0)) is lists[name][0]
+    loaded = passes.Plan.load(plan.save(tmp_path / "p.json"))
+    assert loaded == plan and loaded.removed[name][0] == lists[name][0]
+    assert passes.prune(model, x, ratio=0.5).plan != plan
 
 
 def test_plan_for_another_architecture_is_refused(tmp_path):
