@@ -24,6 +24,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import InputError, TraceError
+from .modules import SlimMultiheadAttention
 from .shapes import fast_meta, meta_like
 
 _SUPPORTED_DTYPES = (torch.float32,)
@@ -129,8 +130,6 @@ class _Tracer(fx.Tracer):
         self.open_transformers = open_transformers
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        from .modules import SlimMultiheadAttention
-
         if self.open_transformers and type(m) in _TRANSFORMERS:
             return False
         return isinstance(m, SlimMultiheadAttention) or super().is_leaf_module(m, qualname)
