@@ -127,7 +127,7 @@ class Plan:
 
     `removed` lists them as Python ints. A plan made by a prune holds the int64 arrays the
     analysis located them in and makes those lists the first time `removed` is read (resnet50
-    at ratio 0.5: 78,688 ints, a millisecond and a half, which prune, verify and rewrite do not
+    at ratio 0.5: 78,688 ints, about a millisecond, which prune, verify and rewrite do not
     need); `indices()` gives the arrays, or the lists once made (then they are what counts:
     a caller may edit them)."""
 
