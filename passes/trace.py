@@ -284,14 +284,18 @@ def graph_module(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.
     return gm
 
 
-def _attr(m: torch.nn.Module, name: str):
-    """getattr(m, name), reading a parameter, buffer or submodule from its table directly when
-    neither the instance nor its class has the name (nn.Module.__getattr__'s case)."""
-    if name not in vars(m) and not hasattr(type(m), name):
+def module_attr(m: torch.nn.Module, name: str, *default):
+    """getattr(m, name[, default]), with a parameter, buffer, submodule or plain attribute read
+    from its table directly: a name nn.Module.__getattr__ would look up costs no Python call,
+    and a missing one with a default no caught AttributeError. A name the class has (a
+    property, as parametrizations add) goes through getattr."""
+    if name in m.__dict__:
+        return m.__dict__[name]
+    if not hasattr(type(m), name):
         for table in (m._parameters, m._buffers, m._modules):
             if name in table:
                 return table[name]
-    return getattr(m, name)
+    return getattr(m, name, *default)
 
 
 def _holds(m: torch.nn.Module, name: str) -> bool:
@@ -304,7 +308,7 @@ def _copy_attr(src: torch.nn.Module, dst: torch.nn.Module, target: str) -> None:
     containers on the way; nothing to do under a module already installed whole."""
     *prefix, leaf = target.split(".")
     for item in prefix:
-        s = _attr(src, item)
+        s = module_attr(src, item)
         d = dst._modules.get(item)
         if d is None and _holds(dst, item):
             d = getattr(dst, item)
@@ -313,7 +317,7 @@ def _copy_attr(src: torch.nn.Module, dst: torch.nn.Module, target: str) -> None:
         if d is None:
             d = dst._modules[item] = torch.nn.Module()
         src, dst = s, d
-    value = _attr(src, leaf)
+    value = module_attr(src, leaf)
     if isinstance(value, torch.nn.Module) and not _holds(dst, leaf):  # what setattr does then
         dst._modules[leaf] = value
     elif isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):

@@ -350,7 +350,8 @@ def outputs(model, inputs) -> list[torch.Tensor]:
 def check(model: nn.Module, inputs: tuple, opts: dict, spec: dict | None = None):
     """passes.prune must run, keep output shapes and verify with masked equivalence (every
     normalisation included: the oracle takes statistics over kept positions). With `spec`, the
-    saved plan must also re-apply to a fresh instance (other weights) of it. Returns the prune result and the re-applied one (None without `spec`)."""
+    saved plan must also re-apply to a fresh instance (other weights) of it. Returns the prune
+    result and the re-applied one (None without `spec`)."""
     import passes
 
     before = [tuple(t.shape) for t in outputs(model, inputs)]

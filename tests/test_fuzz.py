@@ -1,9 +1,10 @@
 """Fuzzed architectures: random programs (tests/strategies.py) pruned with random options.
 
 Every drawn model must prune, keep its output shapes and pass verification: masked equivalence
-within 1e-4 (relative), normalisations included; in a quarter of the examples the saved plan must also re-apply
-(through JSON) to a fresh instance. 200 deterministic examples (derandomized) run here, about
-30 s of CPU; the long runs are `benchmarks/fuzz.py` (every example with the plan round trip).
+within 1e-4 (relative), normalisations included; in a quarter of the examples the saved plan
+must also re-apply (through JSON) to a fresh instance. 200 deterministic examples
+(derandomized) run here, about 30 s of CPU; the long runs are `benchmarks/fuzz.py` (every
+example with the plan round trip).
 The regression tests below are the smallest programs found that broke the core, one per bug.
 """
 

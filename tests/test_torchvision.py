@@ -83,9 +83,9 @@ def _metas(gm, x, fast):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "densenet121", "googlenet", "convnext_tiny", "vit_b_16", "swin_t"])
 def test_closed_form_shapes_equal_torch_meta_kernels(name):
     """passes.shapes' formulas (convs, linears, norms, activations, arithmetic, attention,
-    pooling, flatten) give
-    every node the tensor_meta (shape, dtype, strides) and MACs torch's own kernels give, on the
-    original and on the pruned model (SlimMultiheadAttention, window_attention)."""
+    pooling, flatten) give every node the tensor_meta (shape, dtype, strides) and MACs torch's
+    own kernels give, on the original and on the pruned model (SlimMultiheadAttention,
+    window_attention)."""
     from passes.count import count_macs
     from passes.trace import trace
 
