@@ -93,12 +93,17 @@ class Segments:
         self.lengths = np.fromiter(map(len, self.arrays), dtype=np.int64, count=len(self.arrays))
         self.ends = np.cumsum(self.lengths)
         self.atoms = np.concatenate(self.arrays) if self.arrays else np.zeros(0, np.int64)
+        # running counts in int32 when they fit: half the memory of int64 (resnet50's 265,492
+        # activation atoms: 0.9 -> 0.7 ms per count inside a prune; 3.8 -> 0.4 ms when counted
+        # repeatedly alone, where the int64 sum's 2 MB were fresh pages on every call)
+        self._count_type = np.int32 if self.atoms.size < 2**31 else np.int64
 
     def count(self, atom_flag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(flagged atoms per array, the flags of all arrays concatenated)."""
         flat = atom_flag[self.atoms]
-        total = np.concatenate([[0], np.cumsum(flat)])
-        return total[self.ends] - total[self.ends - self.lengths], flat
+        total = np.zeros(flat.size + 1, dtype=self._count_type)
+        np.cumsum(flat, dtype=self._count_type, out=total[1:])
+        return (total[self.ends] - total[self.ends - self.lengths]).astype(np.int64, copy=False), flat
 
     def positions(self, flat: np.ndarray, counts: np.ndarray, which: np.ndarray) -> list[np.ndarray]:
         """For the arrays `which` (indices): the positions inside each whose flag in `flat` is
