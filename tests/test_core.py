@@ -249,6 +249,28 @@ def test_plan_lists_are_what_counts_once_read(tmp_path):
     assert passes.prune(model, x, ratio=0.5).plan != plan
 
 
+def test_segments_count_and_locate_like_a_loop_over_the_arrays():
+    """labels.Segments counts flagged atoms per array in one pass over the concatenation (a
+    running count, int32 when it fits) and locates them: both equal a plain loop per array,
+    with empty arrays, repeated atoms and all-flagged and unflagged arrays among them."""
+    from passes.labels import Segments
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 50, size=n) for n in [0, 1, 7, 0, 300, 5, 64, 2]]
+    arrays.append(np.arange(50))
+    flag = rng.random(50) < 0.4
+    flag[arrays[1]] = False
+    seg = Segments(arrays)
+    counts, flat = seg.count(flag)
+    assert counts.dtype == np.int64 and counts.tolist() == [int(flag[a].sum()) for a in arrays]
+    assert flat.tolist() == np.concatenate([flag[a] for a in arrays]).tolist()
+    which = np.flatnonzero(counts)
+    found = seg.positions(flat, counts, which)
+    assert [p.tolist() for p in found] == [np.flatnonzero(flag[arrays[i]]).tolist() for i in which]
+    kept = seg.positions(~flat, seg.lengths - counts, np.arange(len(arrays)))
+    assert [p.tolist() for p in kept] == [np.flatnonzero(~flag[a]).tolist() for a in arrays]
+
+
 def test_plan_for_another_architecture_is_refused(tmp_path):
     model, x = _build("residual")
     plan = passes.prune(model, x, ratio=0.5).plan
