@@ -368,6 +368,32 @@ class Pools(nn.Module):
         return self.fc(torch.cat([self.f(y), v.flatten(1)], 1))
 
 
+class ChannelsAsLength(nn.Module):
+    """Channels moved into the spatial dim of later layers, as timm's CoaT aggregates feature
+    vectors with a Conv1d over their channels: pointwise convs (kernel 1, stride 1, no padding)
+    carry them, so they stay prunable; a conv window, a pooling window and an expanded single
+    channel pin what they touch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(6, 16)
+        self.agg, self.aggt = nn.Conv1d(2, 1, 1), nn.ConvTranspose1d(2, 1, 1)
+        self.c = nn.Linear(6, 12)  # into a kernel-3 conv's length dim: pinned
+        self.win = nn.Conv1d(1, 2, 3, padding=1)
+        self.d = nn.Linear(6, 12)  # into a max pool's length dim: pinned
+        self.pool = nn.MaxPool1d(2)
+        self.e = nn.Linear(6, 8)  # its channel 0 is expanded: pinned, the rest free
+        self.head = nn.Linear(16 + 24 + 6 + 8 + 4, 5)
+
+    def forward(self, x):
+        s = torch.stack([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)  # [B, 2, 16]
+        y = (self.agg(s) + self.aggt(s)).squeeze(1)  # [B, 16]: the channels of a and b
+        w = self.win(self.c(x).unsqueeze(1)).flatten(1)  # [B, 24]
+        p = self.pool(self.d(x).unsqueeze(1)).flatten(1)  # [B, 6]
+        e = F.relu(self.e(x))
+        return self.head(torch.cat([y, w, p, e, e[:, :1].expand(-1, 4)], 1))
+
+
 class Embed(nn.Module):
     def __init__(self):
         super().__init__()
@@ -435,6 +461,7 @@ STRUCTURES = {
                                       lambda: torch.randn(2, 10, 6)),
     "convs": (Convs, lambda: (torch.randn(2, 4, 20), torch.randn(2, 2, 6, 8, 8))),
     "pools": (Pools, image),
+    "channels_as_length": (ChannelsAsLength, lambda: torch.randn(2, 6)),
     "embedding": (Embed, lambda: torch.randint(0, 50, (2, 7))),
     "dict_outputs": (DictOut, image),
 }

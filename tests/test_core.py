@@ -154,6 +154,20 @@ def test_unknown_op_pins_its_channels_and_says_so():
     assert r.report.verify.exact and r.report.verify.ok
 
 
+def test_channels_in_spatial_dims_follow_pointwise_convs_and_pin_windows():
+    model, x = _build("channels_as_length")
+    r = passes.prune(model, x, ratio=0.5)
+    m = r.model
+    assert m.a.out_features == m.b.out_features == 8  # carried by the pointwise convs
+    assert m.c.out_features == m.d.out_features == 12  # under a conv window, a pooling window
+    assert 4 <= m.e.out_features < 8 and torch.equal(m.e.weight[0], model.e.weight[0])  # channel 0 expanded
+    reasons = " | ".join(p.reason for p in r.report.pinned)
+    for why in ("a conv window spans a channel dim", "pooling or resampling over a channel dim",
+                "a single channel is expanded"):
+        assert why in reasons
+    assert r.report.verify.exact and r.report.verify.ok
+
+
 def test_depthwise_groups_follow_channels_and_grouped_keep_groups():
     model, x = _build("grouped")
     r = passes.prune(model, x, ratio=0.5)

@@ -21,14 +21,41 @@ from ..channels import attr_at
 from .base import UNKNOWN, Rule, arg, set_arg
 
 
-def _spatial_out(node, x, ch_out, ch):
+def _spatial_out(ctx, node, x, ch_out, ch, pointwise):
+    """Output labels of a conv: leading (batch) dims as the input's, the channel dim `ch_out`,
+    and each spatial dim new, except where the conv is pointwise along it (kernel 1, stride 1,
+    no padding): there output position i is input position i, and keeps its labels (timm's
+    CoaT aggregates three feature vectors with a Conv1d whose length dim holds the channels).
+    Channels in any other spatial dim are pinned: a window mixes neighbouring positions."""
     shape = tuple(node.meta["tensor_meta"].shape)
-    out = [x[k] if k < ch and len(x[k]) == shape[k] else L.zeros(shape[k]) for k in range(len(shape))]
-    out[ch] = ch_out
+    out = []
+    for k, n in enumerate(shape):
+        a = x[k] if k < len(x) else None
+        if k == ch:
+            out.append(ch_out)
+        elif a is not None and len(a) == n and (k < ch or pointwise[k - ch - 1]):
+            out.append(a)
+        else:
+            if a is not None and k > ch and a.any():
+                ctx.pin(a, ctx.why("a conv window spans a channel dim"))
+            out.append(L.zeros(n))
     return tuple(out)
 
 
-def conv_labels(ctx, node, x, w, b, groups):
+def _per_dim(v, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def _pointwise(kernel: tuple, stride, padding, output_padding=0) -> list[bool]:
+    """Per spatial dim: is the conv pointwise along it (kernel 1, stride 1, no padding)."""
+    n = len(kernel)
+    if isinstance(padding, str):  # "valid" pads nothing; "same" pads nothing for a kernel of 1
+        padding = 0 if padding == "valid" or all(k == 1 for k in kernel) else 1
+    return [k == 1 and s == 1 and p == 0 and o == 0 for k, s, p, o in
+            zip(kernel, _per_dim(stride, n), _per_dim(padding, n), _per_dim(output_padding, n))]
+
+
+def conv_labels(ctx, node, x, w, b, groups, pointwise):
     ch = len(x) - (len(w) - 2) - 1  # 1 for batched input, 0 for unbatched
     reason = ctx.why("conv input meets a non-channel dim")
     if groups == 1:
@@ -48,14 +75,15 @@ def conv_labels(ctx, node, x, w, b, groups):
                 ctx.unify(w0[0].copy(), w0[g].copy(), reason)
     if b is not None:
         ctx.unify(b[0], w[0], reason)
-    return _spatial_out(node, x, w[0], ch)
+    return _spatial_out(ctx, node, x, w[0], ch, pointwise)
 
 
 def _conv(ctx, node):
     m = ctx.module(node)
     w, b = ctx.param(m, "weight"), ctx.param(m, "bias")
     ctx.mark_passive(m, "weight", 1)
-    return conv_labels(ctx, node, ctx.labels(node.args[0]), w, b, m.groups)
+    pointwise = _pointwise(tuple(m.kernel_size), m.stride, m.padding)
+    return conv_labels(ctx, node, ctx.labels(node.args[0]), w, b, m.groups, pointwise)
 
 
 def _conv_rewrite(rctx, node):
@@ -75,7 +103,8 @@ def _conv_fn(ctx, node):
     b_node = arg(node, 2, "bias")
     w = ctx.labels(w_node)
     ctx.mark_passive(None, _tensor_of(ctx, w_node), 1)
-    return conv_labels(ctx, node, ctx.labels(node.args[0]), w, ctx.labels(b_node), 1)
+    pointwise = _pointwise(tuple(len(a) for a in w[2:]), arg(node, 3, "stride", 1), arg(node, 4, "padding", 0))
+    return conv_labels(ctx, node, ctx.labels(node.args[0]), w, ctx.labels(b_node), 1, pointwise)
 
 
 def _conv_t(ctx, node):
@@ -89,7 +118,8 @@ def _conv_t(ctx, node):
     ctx.mark_passive(m, "weight", 0)
     if b is not None:
         ctx.unify(b[0], w[1])
-    return _spatial_out(node, x, w[1], ch)
+    pointwise = _pointwise(tuple(m.kernel_size), m.stride, m.padding, output_padding=m.output_padding)
+    return _spatial_out(ctx, node, x, w[1], ch, pointwise)
 
 
 def _conv_t_rewrite(rctx, node):

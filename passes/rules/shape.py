@@ -9,6 +9,8 @@ explicit `torch.split` with the pruned section sizes.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -123,9 +125,14 @@ def _transpose(ctx, node):
 
 
 def _expand(ctx, node):
+    """New leading dims and expanded size-1 dims hold no channel; a single channel (a size-1 dim
+    with a channel label) that is expanded is pinned, as when it is a broadcast operand."""
     x = _x(ctx, node)
     out = _out_shape(node)
     lead = len(out) - len(x)
+    for k, s in enumerate(out[lead:]):
+        if len(x[k]) != s and x[k].any():
+            ctx.pin(x[k], ctx.why("a single channel is expanded"))
     return tuple(L.zeros(s) if k < lead or len(x[k - lead]) != s else x[k - lead]
                  for k, s in enumerate(out))
 
@@ -363,12 +370,24 @@ def _create(ctx, node):
 
 # -- channel-preserving ops over other dims ---------------------------------------------------
 def _keep_leading(ctx, node):
-    """Pooling, interpolation: batch and channel dims keep labels, spatial dims are new."""
+    """Pooling, interpolation: the leading (batch, channel) dims keep their labels; the pooled
+    or resampled dims (as many as the op's 1d/2d/3d says; all but two for interpolation) are
+    new, and channels found in them are pinned: a window mixes neighbouring positions."""
     x = _x(ctx, node)
     meta = node.meta["tensor_meta"]
+    n = max(len(x) - _spatial_dims(ctx, node, len(x)), 0)
+    for a in x[n:]:
+        if a.any():
+            ctx.pin(a, ctx.why("pooling or resampling over a channel dim"))
     if not hasattr(meta, "shape"):  # return_indices=True: (values, indices)
-        return tuple(_keep(x, m.shape, 2) for m in meta)
-    return _keep(x, meta.shape, 2)
+        return tuple(_keep(x, m.shape, n) for m in meta)
+    return _keep(x, meta.shape, n)
+
+
+def _spatial_dims(ctx, node, ndim: int) -> int:
+    name = type(ctx.module(node)).__name__ if node.op == "call_module" else getattr(node.target, "__name__", "")
+    found = re.search(r"([123])d$", name)
+    return int(found.group(1)) if found else ndim - 2
 
 
 def _keep(x, shape, n):
@@ -382,6 +401,9 @@ def _tile_last(ctx, node):
     shape = _out_shape(node)
     if shape[-1] % len(x[-1]):
         return UNKNOWN.labels(ctx, node)
+    for a in x[:-1]:
+        if a.any():
+            ctx.pin(a, ctx.why("strided slices of a channel dim"))
     return tuple(L.zeros(s) for s in shape[:-1]) + (np.tile(x[-1], shape[-1] // len(x[-1])),)
 
 
