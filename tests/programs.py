@@ -363,6 +363,11 @@ class VecBlock(nn.Module):
             self.fc1, self.fc2 = nn.Linear(c, p["out"]), nn.Linear(p["out"], c)
         elif self.kind == "ln":
             self.norm = nn.LayerNorm(c)
+        elif self.kind == "len":  # the channels become the length of a 1-channel sequence
+            self.op = p["op"]
+            self.len_op = {"point": lambda: nn.Conv1d(1, p["m"], 1), "pointT": lambda: nn.ConvTranspose1d(1, p["m"], 1),
+                           "window": lambda: nn.Conv1d(1, p["m"], 3, padding=1),
+                           "pool": lambda: nn.MaxPool1d(3, 1, 1)}[self.op]()
         else:
             self.norm = nn.BatchNorm1d(c)
 
@@ -371,6 +376,8 @@ class VecBlock(nn.Module):
             return self.act(self.fc(x))
         if self.kind == "res":
             return x + self.fc2(F.relu(self.fc1(x)))
+        if self.kind == "len":
+            return self.len_op(x.unsqueeze(1)).sum(1)  # [B, 1, C] -> [B, m, C] -> [B, C]
         return self.norm(x)
 
 

@@ -18,7 +18,9 @@ the core supports:
   add or cat, pooling, and extra outputs (a raw feature map, or a head);
 - transitions: global-average / amax / 1x1-conv heads, flatten into a linear (torch.flatten,
   nn.Flatten or a literal `view(-1, N)`), tokens (flatten(2).transpose(1, 2));
-- vector stage: linear, residual MLP, LayerNorm, BatchNorm1d;
+- vector stage: linear, residual MLP, LayerNorm, BatchNorm1d, the channels as the length of a
+  sequence through a pointwise Conv1d or ConvTranspose1d (prunable), a kernel-3 Conv1d or a
+  max pool (pinned);
 - token stage ([B, N, C], also from nn.Embedding on integer ids or from float tokens):
   MLP with layer scale, nn.MultiheadAttention (batch_first True/False), hand-written attention
   with literal head counts in reshape, F.scaled_dot_product_attention (view(B, N, h, -1) or
@@ -245,10 +247,12 @@ def _tok_block(ch, kind, s):
 def _vec_block(ch, kind, s):
     if kind == "tap":
         return "tap", dict(stage="vec", out=ch.pick([0, 1, 2, 3, 4]))
-    vk = ch.pick(["lin", "res", "ln", "bn"])
+    vk = ch.pick(["lin", "res", "ln", "bn", "len"])
     p = dict(kind=vk)
     if vk in ("lin", "res"):
         p["out"] = ch.integer(1, WMAX)
+    if vk == "len":
+        p["op"], p["m"] = ch.pick(["point", "pointT", "window", "pool"]), ch.integer(1, 3)
     if vk == "lin":
         p["act"] = ch.pick(ACTS)
     return "vec", p
