@@ -12,6 +12,9 @@ do about it.
 from __future__ import annotations
 
 import contextlib
+import linecache
+import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 
@@ -20,6 +23,7 @@ import torch.fx as fx
 from torch.fx import traceback as fx_traceback
 from torch.fx.immutable_collections import immutable_dict
 from torch.fx.node import map_aggregate, map_arg
+from torch.fx.proxy import TraceError as FxTraceError
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.utils.stateless import _reparametrize_module
 
@@ -123,11 +127,58 @@ class _Tracer(fx.Tracer):
       leaves with rules of their own. See `symbolic_trace` for what tracing them takes.
     """
 
-    def __init__(self, open_transformers: bool = False):  # torch.load re-creates it with no arguments
+    def __init__(self, open_transformers: bool = False, inputs: tuple | None = None):  # torch.load: no arguments
         from .ops import window_attention, window_attention_3d
 
         super().__init__(autowrap_functions=(window_attention, window_attention_3d))
         self.open_transformers = open_transformers
+        self.inputs = inputs  # example inputs: branches on shapes are taken as they go for these
+        self._values: fx.Interpreter | None = None  # the graph built so far, run on the inputs
+
+    # -- branches on shapes ------------------------------------------------------------------
+    # fx refuses a traced value in Python control flow (`if H != W:`, `range(n)`). With example
+    # inputs, a value computed from tensor shapes alone (sizes, dims, numbers and arithmetic on
+    # them, nothing read from tensor values) is computed instead: the graph built so far runs on
+    # the inputs, the branch goes as it does for them, and a `torch._assert` node in the graph
+    # checks at run time that the value is the same. Channel counts read by such a check are
+    # pinned by the analysis (a count used as a number); an input that would take the other
+    # branch gets an AssertionError naming the line, never a silently different model.
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapeProxy(node, self) if self.inputs is not None else fx.Proxy(node, self)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if self.inputs is None or not _from_shapes(obj.node):
+            return super().to_bool(obj)  # fx's TraceError
+        return self._concrete(obj, bool)
+
+    def to_int(self, obj: fx.Proxy) -> int:
+        if self.inputs is None or not _from_shapes(obj.node):
+            raise FxTraceError("a traced value is used as a Python int (range(), int(), an index) and it "
+                               "depends on tensor values, not only on their shapes")
+        return self._concrete(obj, int)
+
+    def _concrete(self, obj: fx.Proxy, kind: type):
+        value = kind(self._value(obj.node))
+        shapes = ", ".join(str(tuple(t.shape)) for t in self.inputs)
+        msg = (f"passes traced this model on inputs of shapes {shapes}, where {_user_line()} was "
+               f"{value!r}; for these inputs it is not, and the traced graph has only the branch taken then")
+        self.create_proxy("call_function", torch._assert, (obj if value is True else obj == value, msg), {})
+        return value
+
+    def _value(self, node: fx.Node):
+        """`node`'s value on the example inputs: the nodes added since the last call run first
+        (with fx's patches of Module.__call__ and friends lifted, on copies of the inputs)."""
+        from torch.fx._symbolic_trace import _maybe_revert_all_patches
+
+        if self._values is None:
+            self._values = fx.Interpreter(self.root, garbage_collect_values=False, graph=self.graph)
+            self._values.args_iter = iter([t.clone() for t in self.inputs])
+        run = self._values
+        with _maybe_revert_all_patches(), torch.no_grad():
+            for n in self.graph.nodes:
+                if n not in run.env:
+                    run.env[n] = run.run_node(n)
+        return run.env[node]
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if self.open_transformers and type(m) in _TRANSFORMERS:
@@ -141,7 +192,7 @@ class _Tracer(fx.Tracer):
         tuples and constant types before reaching the case of a Proxy or a Python number:
         those, plain tuples of them and empty kwargs take the short way."""
         kind = type(a)
-        if kind is fx.Proxy:
+        if kind is fx.Proxy or kind is _ShapeProxy:
             return a.node
         if kind in _PLAIN:
             return a
@@ -173,6 +224,52 @@ class _Tracer(fx.Tracer):
         """fx's own path is kept whenever one of its options that read the scope or the node meta
         (stack traces, preserved node meta, mutation checks) is on."""
         return self.check_mutable_operations or self.record_stack_traces or fx_traceback.has_preserved_node_meta()
+
+
+class _ShapeProxy(fx.Proxy):
+    """A Proxy that can become a Python int when it is computed from shapes (`_Tracer.to_int`)."""
+
+    def __index__(self) -> int:
+        return self.tracer.to_int(self)
+
+    __int__ = __index__
+
+
+_SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension"})
+_SHAPE_ATTRS = frozenset({"shape", "ndim"})
+
+
+def _from_shapes(node: fx.Node) -> bool:
+    """`node`'s value is computed from tensor shapes, constants and arithmetic alone (operator
+    and math functions), never from tensor values."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_method" and n.target in _SHAPE_METHODS or n.op == "call_function" and (
+                n.target is len or n.target is getattr and n.args[1:2] and n.args[1] in _SHAPE_ATTRS):
+            continue  # a shape read: its tensor's values do not matter
+        if n.op == "call_function" and getattr(n.target, "__module__", None) in ("_operator", "math"):
+            stack.extend(n.all_input_nodes)
+            continue
+        return False
+    return True
+
+
+_TORCH_DIR, _PASSES_DIR = os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep
+
+
+def _user_line() -> str:
+    """file:line `code` of the innermost frame outside torch and passes: the branch being traced."""
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_filename.startswith((_TORCH_DIR, _PASSES_DIR)):
+        f = f.f_back
+    if f is None:
+        return "a branch on shapes"
+    line = linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
+    return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno} `{line}`"
 
 
 def _append_node(g: fx.Graph, op, target, args, kwargs, name, type_expr) -> fx.Node:
@@ -215,19 +312,21 @@ def _traceable_transformers():
         tx._get_seq_len = original
 
 
-def symbolic_trace(model: torch.nn.Module, concrete: dict | None = None, modules=None) -> fx.GraphModule:
+def symbolic_trace(model: torch.nn.Module, concrete: dict | None = None, modules=None,
+                   inputs: tuple | None = None) -> fx.GraphModule:
     """`torch.fx.symbolic_trace` with passes' tracer. nn.Transformer* modules are traced through;
     if that fails (masks passed as traced values), they are traced again as leaves. `concrete`:
     forward's parameters fixed to a value (`default_args`); `modules`: all of model's modules,
-    when the caller has them."""
+    when the caller has them; `inputs`: example inputs, with which branches on tensor shapes
+    trace (as they go for these inputs, checked at run time: see `_Tracer.to_bool`)."""
     concrete = concrete or {}
     if any(type(m) in _TRANSFORMERS for m in (model.modules() if modules is None else modules)):
         try:
             with _traceable_transformers():
-                return _trace_with(_Tracer(open_transformers=True), model, concrete)
+                return _trace_with(_Tracer(open_transformers=True, inputs=inputs), model, concrete)
         except Exception:
             pass  # the leaf trace below gives the error worth reporting, if any
-    return _trace_with(_Tracer(), model, concrete)
+    return _trace_with(_Tracer(inputs=inputs), model, concrete)
 
 
 def default_args(model: torch.nn.Module, n_inputs: int) -> dict:
@@ -334,7 +433,7 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
     try:
         # `if self.training:` branches: the inference graph is the one pruned
         with eval_mode(model, source.values()):
-            gm = symbolic_trace(model, fixed, source.values())
+            gm = symbolic_trace(model, fixed, source.values(), inputs)
     except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ... from user code
         raise TraceError(_trace_message(model, e)) from e
     # parameters fixed to their defaults keep a placeholder (with the default) each

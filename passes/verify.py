@@ -65,11 +65,11 @@ def flatten_outputs(out) -> list[torch.Tensor]:
     return []
 
 
-def masked_copy(original: torch.nn.Module, plan, n_inputs: int) -> fx.GraphModule:
+def masked_copy(original: torch.nn.Module, plan, inputs: tuple) -> fx.GraphModule:
     """A traced deep copy of `original` with the plan's removed slices zeroed (names as in the graph)."""
     model = copy.deepcopy(original)
-    with eval_mode(model):  # traced as the pruned model was: eval-mode branches
-        gm = symbolic_trace(model, default_args(model, n_inputs))
+    with eval_mode(model):  # traced as the pruned model was: eval-mode branches, shape branches
+        gm = symbolic_trace(model, default_args(model, len(inputs)), inputs=inputs)
     with torch.no_grad():
         for name, d, idx in plan.indices():
             attr_at(gm, name).index_fill_(int(d), torch.as_tensor(idx, dtype=torch.long), 0.0)
@@ -221,7 +221,7 @@ def verify(original: torch.nn.Module, result, example_inputs, *, atol: float = 1
     if inexact:
         return VerifyReport(True, True, False, inexact=inexact,
                             message="forward and shapes ok; masked equivalence does not apply: " + "; ".join(inexact))
-    masked = masked_copy(original, result.plan, len(inputs))
+    masked = masked_copy(original, result.plan, inputs)
     want = _run_masked(masked, masks, inputs)
     abs_err, rel = _errors(got, want)
     ok = abs_err <= atol or rel <= rtol

@@ -233,7 +233,7 @@ class _Loop(_Base):
 class _Assert(_Base):
     def forward(self, x):
         y = self.c(x)
-        assert y.shape[1] == 8  # LINE-ASSERT
+        assert y.abs().sum() >= 0  # LINE-ASSERT
         return self.d(y)
 
 

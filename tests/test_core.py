@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import passes
 from passes import InputError, PlanError, TraceError
 
-from models import STRUCTURES, MnistNet, Norms, UnknownOp, image
+from models import STRUCTURES, MnistNet, Norms, UnknownOp, cbr, image
 
 
 def _build(name, seed=0):
@@ -381,6 +381,39 @@ def test_trace_failure_names_the_line():
 
     with pytest.raises(TraceError, match=r"test_core\.py:\d+ `if x\.sum\(\) > 0:`"):
         passes.prune(Branchy(), image())
+
+
+class ShapeBranches(nn.Module):
+    """Python control flow on tensor shapes (timm's MobileViT, TinyViT, Twins, CrossViT pad or
+    resize when a size does not fit), and a channel count turned into a Python int."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = cbr(3, 8), cbr(8, 8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.shape[-1] % 2:  # SHAPE-BRANCH
+            y = F.pad(y, (0, 1, 0, 1))
+        z = self.b(y)
+        scale = 1.0 / int(y.shape[1])  # a channel count read as a number: a's channels pinned
+        return self.c(z)[:, :, : y.shape[2] - 1] * scale
+
+
+def test_branches_on_shapes_trace_with_a_run_time_check():
+    torch.manual_seed(0)
+    model, x = ShapeBranches().eval(), image(s=9)
+    r = passes.prune(model, x, ratio=0.5)
+    assert r.report.verify.exact and r.report.verify.ok
+    assert r.model.get_submodule("a.0").out_channels == 8  # its count is read by int(): pinned
+    assert r.model.get_submodule("b.0").out_channels == 4
+    assert any("channel count is used as a number" in p.reason for p in r.report.pinned)
+    assert r.model(image(s=11)).shape == model(image(s=11)).shape  # odd width: the traced branch
+    line = next(i for i, l in enumerate(open(__file__).read().splitlines(), 1) if l.endswith("# SHAPE-BRANCH"))
+    with pytest.raises(AssertionError, match=rf"test_core\.py:{line} `if y\.shape\[-1\] % 2:[^`]*` was True"):
+        r.model(image(s=10))  # even width: the other branch, which the graph does not have
+    with pytest.raises(AssertionError):
+        passes.prune(model, image(s=10)).model(x)  # traced on even widths: odd ones are refused
 
 
 def test_analyze_exposes_units_groups_and_pins():
