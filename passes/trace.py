@@ -157,13 +157,25 @@ class _Tracer(fx.Tracer):
                                "depends on tensor values, not only on their shapes")
         return self._concrete(obj, int)
 
+    def iter(self, obj: fx.Proxy):
+        """A loop over a tuple of sizes (`for s in x.shape[-2:]`): over its elements, symbolic,
+        with its length checked."""
+        if self.inputs is None or not _from_shapes(obj.node):
+            return super().iter(obj)
+        n = len(self._value(obj.node))
+        self._check(self.create_proxy("call_function", len, (obj,), {}), n)
+        return iter([obj[i] for i in range(n)])
+
     def _concrete(self, obj: fx.Proxy, kind: type):
         value = kind(self._value(obj.node))
+        self._check(obj, value)
+        return value
+
+    def _check(self, obj: fx.Proxy, value) -> None:
         shapes = ", ".join(str(tuple(t.shape)) for t in self.inputs)
         msg = (f"passes traced this model on inputs of shapes {shapes}, where {_user_line()} was "
                f"{value!r}; for these inputs it is not, and the traced graph has only the branch taken then")
         self.create_proxy("call_function", torch._assert, (obj if value is True else obj == value, msg), {})
-        return value
 
     def _value(self, node: fx.Node):
         """`node`'s value on the example inputs: the nodes added since the last call run first
