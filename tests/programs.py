@@ -289,6 +289,23 @@ class Pool(nn.Module):
         return self.pool(x) if self.pool is not None else F.max_pool2d(x, 2)
 
 
+class Fit(nn.Module):
+    """Python branches on shapes: odd sizes padded to even ones (as MobileViT and Twins fit a
+    patch or window size), and optionally a scale of 1 / the channel count read as an int
+    (that count is then pinned)."""
+
+    def __init__(self, c, p):
+        super().__init__()
+        self.count = p["count"]
+
+    def forward(self, x):
+        if x.shape[-1] % 2 or x.shape[-2] % 2:
+            x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
+        if self.count:
+            x = x * (1.0 / int(x.shape[1]))
+        return x
+
+
 class Tap(nn.Module):
     """An extra model output: the raw tensor (pinned) or a small head on it."""
 
@@ -642,7 +659,7 @@ class Stem(nn.Module):
 BLOCKS = {
     "conv": ConvBlock, "res": Residual, "cat": Concat, "spcat": SpatialCat, "split": Split,
     "chunk": Chunk, "shuffle": Shuffle, "se": SqueezeExcite, "norm": Norm, "cl": ChannelsLast,
-    "shared": Shared, "loose": Loose, "unruled": Unruled, "merge": Merge, "pool": Pool,
+    "shared": Shared, "loose": Loose, "unruled": Unruled, "merge": Merge, "pool": Pool, "fit": Fit,
     "tap": Tap, "head": ConvHead, "tovec": ToVector, "totok": ToTokens, "vec": VecBlock,
     "mlp": Mlp, "mha": Mha, "txl": TxLayer, "hattn": HandAttention, "sdpa": Sdpa, "tlin": TokLinear,
     "cls": ClsToken, "pos": PosEmbed, "thead": TokHead, "cred": ChannelReduce, "up": Up,
@@ -680,6 +697,8 @@ def advance(s: dict, kind: str, p: dict) -> dict:
 
     elif kind == "pool":
         s["H"], s["W"] = s["H"] // 2, s["W"] // 2
+    elif kind == "fit":
+        s["H"], s["W"] = s["H"] + s["H"] % 2, s["W"] + s["W"] % 2
     elif kind == "head":
         s["stage"] = "end"
     elif kind == "tovec":

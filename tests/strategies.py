@@ -15,7 +15,8 @@ the core supports:
   twice, layer scale and position parameters, reductions over channels (CBAM mean/amax,
   sum, softmax over C), upsampling (interpolate, ConvTranspose2d), constant channel slices,
   ops without a rule (cumsum/flip over channels: pinned), a second/third image input merged by
-  add or cat, pooling, and extra outputs (a raw feature map, or a head);
+  add or cat, pooling, Python branches on shapes (odd sizes padded; a channel count read as an
+  int: pinned), and extra outputs (a raw feature map, or a head);
 - transitions: global-average / amax / 1x1-conv heads, flatten into a linear (torch.flatten,
   nn.Flatten or a literal `view(-1, N)`), tokens (flatten(2).transpose(1, 2));
 - vector stage: linear, residual MLP, LayerNorm, BatchNorm1d, the channels as the length of a
@@ -98,7 +99,7 @@ class RandomChooser:
 ACTS = ["relu", "gelu", "silu", "hardswish", "tanh", "none"]
 CONV_KINDS = ["conv", "res", "cat", "split", "chunk", "shuffle", "se", "norm", "cl", "shared",
               "loose", "dw", "gconv", "spcat", "merge", "pool", "tap", "unruled", "cred", "up", "cslice",
-              "save", "skip", "skip"]
+              "save", "skip", "skip", "fit"]
 VEC_KINDS = ["vec", "vec", "tap"]
 TOK_KINDS = ["mlp", "mha", "txl", "hattn", "sdpa", "tlin", "cls", "pos", "tap", "ein", "flayer"]
 
@@ -186,6 +187,8 @@ def _conv_block(ch, kind, s, spec):
         return "merge", p
     if kind == "pool":
         return ("pool", dict(kind=ch.pick(["avg", "max"]))) if H >= 4 else None
+    if kind == "fit":
+        return "fit", dict(count=ch.boolean())
     if kind == "tap":
         return "tap", dict(stage="conv", out=ch.pick([0, 1, 2, 3, 4]))
     if kind == "save":
