@@ -248,12 +248,12 @@ class _ShapeProxy(fx.Proxy):
 
 
 _SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension"})
-_SHAPE_ATTRS = frozenset({"shape", "ndim"})
+_SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype"})  # dtype: fixed in a float32 model (checked)
 
 
 def _from_shapes(node: fx.Node) -> bool:
-    """`node`'s value is computed from tensor shapes, constants and arithmetic alone (operator
-    and math functions), never from tensor values."""
+    """`node`'s value is computed from tensor shapes (and dtypes), constants and arithmetic
+    alone (operator and math functions), never from tensor values."""
     stack, seen = [node], set()
     while stack:
         n = stack.pop()

@@ -397,6 +397,8 @@ class ShapeBranches(nn.Module):
             y = F.pad(y, (0, 1, 0, 1))
         if any(s < 3 for s in y.shape[-2:]):  # a loop over sizes (RAFT's minimum size check)
             y = F.interpolate(y, size=(3, 3))
+        if y.dtype == torch.float64:  # a dtype read (timm's Qwen3-ViT picks a compute dtype)
+            y = y.float()
         z = self.b(y)
         scale = 1.0 / int(y.shape[1])  # a channel count read as a number: a's channels pinned
         return self.c(z)[:, :, : y.shape[2] - 1] * scale
@@ -418,6 +420,8 @@ def test_branches_on_shapes_trace_with_a_run_time_check():
         passes.prune(model, image(s=10)).model(x)  # traced on even widths: odd ones are refused
     with pytest.raises(AssertionError, match="s < 3"):
         r.model(image(s=1))  # a 1x1 image: the size check goes the other way
+    with pytest.raises(AssertionError, match="float64"):
+        copy.deepcopy(r.model).double()(image(s=9).double())
 
 
 def test_analyze_exposes_units_groups_and_pins():
