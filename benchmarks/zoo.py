@@ -1,7 +1,8 @@
 """The torchvision zoo: passes and Torch-Pruning on every model, each checked the same way.
 
 For every model `torchvision.models.list_models()` returns (classification, segmentation, video,
-optical flow, detection), weights=None, eval mode, each in its own subprocess with a timeout:
+optical flow, detection), and one model per timm family (`--family timm`, needs timm: the
+`bench` extra), weights=None, eval mode, each in its own subprocess with a timeout:
 
 - passes: `prune(model, x, ratio=0.5, importance="l2")` (local ranking); the analysis + rewrite
   are timed alone (`verify=False`), then `passes.verify` runs the same check `prune` runs by
@@ -18,7 +19,7 @@ MACs after <= 0.6 x MACs before, masked equivalence holds (passes only; Torch-Pr
 cannot be recovered, so "n/a"),
 the ONNX file exports and ONNX Runtime matches torch. Latency is reported, never judged.
 
-    python benchmarks/zoo.py [--family classification|segmentation|video|optical_flow|detection|all]
+    python benchmarks/zoo.py [--family classification|segmentation|video|optical_flow|detection|timm|all]
                              [--models NAME ...] [--timeout 600] [--jobs 1] [--fresh]
     python benchmarks/zoo.py --one NAME --json-out FILE     # one model, in this process
 
@@ -57,7 +58,7 @@ from passes.verify import flatten_outputs
 
 RESULTS = Path(__file__).parent / "results"
 BUGS = Path("/tmp/passes_bugs")
-FAMILIES = ["classification", "segmentation", "video", "optical_flow", "detection"]
+FAMILIES = ["classification", "segmentation", "video", "optical_flow", "detection", "timm"]
 _MODULES = {"classification": torchvision.models, "segmentation": torchvision.models.segmentation,
             "video": torchvision.models.video, "optical_flow": torchvision.models.optical_flow,
             "detection": torchvision.models.detection}
@@ -68,21 +69,57 @@ DETECTION_HEADS = ("roi_heads", "rpn.head", "head")  # Torch-Pruning leaves thes
 # ---------------------------------------------------------------- models and inputs
 
 def family_of(name: str) -> str:
-    for fam in FAMILIES:
+    if name.startswith("timm/") and _timm_available() and name[5:] in _timm_names():
+        return "timm"
+    for fam in FAMILIES[:-1]:
         if name in torchvision.models.list_models(module=_MODULES[fam]):
             return fam
     raise SystemExit(f"error: {name!r} is not a torchvision classification, segmentation, video, "
-                     f"optical flow or detection model")
+                     f"optical flow or detection model, nor timm/NAME for a timm model")
 
 
 def models_of(families: list[str]) -> list[str]:
     fams = FAMILIES if "all" in families else [f for f in FAMILIES if f in families]
-    return [n for f in fams for n in torchvision.models.list_models(module=_MODULES[f])]
+    return [n for f in fams for n in (timm_models() if f == "timm" else torchvision.models.list_models(module=_MODULES[f]))]
+
+
+# timm: one model per model module of the installed timm (a module is a family: ResNet, ViT,
+# MobileViT, ...), the variant whose name first carries one of these size words (then the
+# shortest name): the smallest member in practice, so the whole library fits in a run
+_TIMM_SIZES = ("atto", "femto", "pico", "nano", "xxs", "xxsmall", "xx_small", "tiny", "xs", "small", "s0",
+               "b0", "_t", "_s", "18", "050", "100", "mini", "lite")
+
+
+def _timm_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("timm") is not None
+
+
+def _timm_names() -> set[str]:
+    import timm
+    return set(timm.list_models())
+
+
+def timm_models() -> list[str]:
+    if not _timm_available():
+        raise SystemExit("error: the timm family needs timm: pip install -e '.[bench]'")
+    import timm
+    from timm.models import _registry
+
+    def rank(n):
+        return next((i for i, k in enumerate(_TIMM_SIZES) if k in n), len(_TIMM_SIZES)), len(n), n
+    by_module: dict[str, list[str]] = {}
+    for n in timm.list_models():
+        by_module.setdefault(_registry._model_to_module.get(n, ""), []).append(n)
+    return sorted("timm/" + min(names, key=rank) for names in by_module.values())  # timm/: resnet18 is in both
 
 
 def spec(name: str) -> tuple[dict, list[tuple[int, ...]]]:
     """Constructor kwargs and input shapes: the smallest input each model allows, near 64x64."""
     fam = family_of(name)
+    if fam == "timm":
+        import timm
+        return {}, [(1, *timm.get_pretrained_cfg(name[5:]).input_size)]  # the size the model was made for
     if fam == "classification":
         if name in ("googlenet", "inception_v3"):
             size = 96 if name == "inception_v3" else 64  # inception_v3 needs >= 75
@@ -109,7 +146,15 @@ def spec(name: str) -> tuple[dict, list[tuple[int, ...]]]:
 
 def build(name: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    return torchvision_model(name, **kw)  # weights=None, eval, all-zero weight matrices re-drawn
+    if family_of(name) != "timm":
+        return torchvision_model(name, **kw)  # weights=None, eval, all-zero weight matrices re-drawn
+    import timm
+    model = timm.create_model(name[5:], pretrained=False, **kw).eval()
+    with torch.no_grad():  # as torchvision_model: zero-initialised heads would make outputs constant
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0, 0.02)
+    return model
 
 
 def inputs_for(shapes) -> tuple[torch.Tensor, ...]:
@@ -241,7 +286,7 @@ def run_one(name: str, *, tp: bool = True, latency: bool = True, kwargs: dict | 
         row["seconds"] = time.perf_counter() - t_start
         return row
     ref_shapes = [tuple(t.shape) for t in ref]
-    with tempfile.TemporaryDirectory(prefix=f"zoo-{name}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"zoo-{name.replace('/', '_')}-") as tmp:
         tmp = Path(tmp)
         if latency:  # the benchmark's baseline (and a check that the original exports at all)
             stage("original onnx")
@@ -291,18 +336,25 @@ def write_repro(name: str, reason: str) -> Path:
     """A standalone script that rebuilds the model as the zoo does and runs passes on it."""
     kw, shapes = spec(name)
     BUGS.mkdir(parents=True, exist_ok=True)
-    path = BUGS / f"zoo_{name}.py"
-    path.write_text(f'''"""passes fails on torchvision {name} in benchmarks/zoo.py.
+    safe = name.replace("/", "_")
+    path = BUGS / f"zoo_{safe}.py"
+    if family_of(name) == "timm":
+        make = (f"import timm\nmodel = timm.create_model({name[5:]!r}, pretrained=False).eval()\n"
+                f"with torch.no_grad():  # as the zoo builds it\n"
+                f"    [p.normal_(0, 0.02) for p in model.parameters() if p.dim() > 1 and not p.any()]")
+    else:
+        make = (f"from passes.models import torchvision_model\n"
+                f"model = torchvision_model({name!r}, **{kw!r})  # as the zoo and the tests build it")
+    path.write_text(f'''"""passes fails on {name} in benchmarks/zoo.py.
 
 Recorded failure: {reason}
 Run: /work/venv/bin/python {path}
 """
 import torch
 import passes
-from passes.models import torchvision_model
 
 torch.manual_seed(0)
-model = torchvision_model({name!r}, **{kw!r})  # as the zoo and the tests build it
+{make}
 torch.manual_seed(1)
 x = tuple(torch.randn(*s) for s in {shapes!r})
 with torch.no_grad():
@@ -313,7 +365,7 @@ params0, macs0 = passes.count(model, x)
 params1, macs1 = passes.count(r.model, x)
 print("MACs ratio", macs1 / macs0)
 assert macs1 <= {MAX_MAC_RATIO} * macs0
-passes.export_onnx(r.model, x, "/tmp/passes_bugs/zoo_{name}.onnx")  # ONNX + ORT parity
+passes.export_onnx(r.model, x, "/tmp/passes_bugs/zoo_{safe}.onnx")  # ONNX + ORT parity
 print("ok")
 ''')
     return path
@@ -429,9 +481,13 @@ def machine() -> dict:
         mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         pass
+    timm_version = None
+    if _timm_available():
+        import timm
+        timm_version = timm.__version__
     return dict(cpu=cpu_model(), cores=os.cpu_count(), ram_gb=mem, python=platform.python_version(),
                 torch=torch.__version__, torchvision=torchvision.__version__,
-                onnxruntime=onnxruntime.__version__, torch_pruning=tpv)
+                onnxruntime=onnxruntime.__version__, torch_pruning=tpv, timm=timm_version)
 
 
 COLUMNS = ["model", "family", "input", "passes_ok", "passes_error", "tp_ok", "tp_error",
@@ -486,7 +542,7 @@ def write_results(state: dict) -> None:
         w.writeheader()
         w.writerows(rows)
     m = state["machine"]
-    lines = ["# passes and Torch-Pruning on the torchvision zoo", "",
+    lines = ["# passes and Torch-Pruning on the torchvision zoo and timm", "",
              "Produced by (in this order; a later run replaces the rows of the models it ran):", ""]
     runs = sorted(state["runs"], key=lambda r: r["started"])
     lines += [f"- `{_short(r['command'])}` ({r['started']}, {r['seconds'] / 60:.1f} min, {r['models']} models"
@@ -500,7 +556,8 @@ def write_results(state: dict) -> None:
                   f"last run's end (runs overlapping), {serial / 60:.0f} min of per-model process time summed."]
     lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB; Python {m['python']}, "
               f"torch {m['torch']}, torchvision {m['torchvision']}, onnxruntime {m['onnxruntime']}, "
-              f"torch-pruning {m['torch_pruning']}.", "", "## Summary", ""]
+              f"torch-pruning {m['torch_pruning']}" + (f", timm {m['timm']}" if m.get("timm") else "") + ".",
+              "", "## Summary", ""]
     lines += [f"- {l}" for l in summary_lines(rows)]
     lines += ["", "## Notes", "",
               "- Both tools: ratio 0.5 of every group's channels, local ranking, L2 magnitude "
@@ -526,7 +583,10 @@ def write_results(state: dict) -> None:
               "constructor wants a multiple of 14); maxvit_t 224 (fixed grids); inception_v3 96; googlenet and "
               "inception_v3 `aux_logits=False, init_weights=False`; segmentation 64x64 `weights_backbone=None`; "
               "video 1x3x4x32x32 (s3d and mvit need 16x224x224); optical flow two 1x3x128x128 images (RAFT's "
-              "correlation pyramid needs 128); detection 1x3x128x128, `min_size=max_size=128` except SSD.",
+              "correlation pyramid needs 128); detection 1x3x128x128, `min_size=max_size=128` except SSD; "
+              "timm: one model per timm model module (family), the variant whose name first carries a size "
+              "word (atto, femto, pico, nano, xxs, tiny, small, ...; `zoo.timm_models()`), "
+              "`timm.create_model(name, pretrained=False)` at its pretrained config's input size.",
               "- Each model runs in its own subprocess (stages: original ONNX export, passes, Torch-Pruning, "
               "latency) with a timeout and a resident-memory limit; a timeout, kill or crash fails the stage it "
               "was in (and the tools after it: \"not reached\"), earlier stages keep their results. A latency "
