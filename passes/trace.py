@@ -136,7 +136,7 @@ class _Tracer(fx.Tracer):
         self._values: fx.Interpreter | None = None  # the graph built so far, run on the inputs
 
     # -- branches on shapes ------------------------------------------------------------------
-    # fx refuses a traced value in Python control flow (`if H != W:`, `range(n)`). With example
+    # fx refuses a traced value in Python control flow (`if H != W:`, `int(n)`). With example
     # inputs, a value computed from tensor shapes alone (sizes, dims, numbers and arithmetic on
     # them, nothing read from tensor values) is computed instead: the graph built so far runs on
     # the inputs, the branch goes as it does for them, and a `torch._assert` node in the graph
@@ -153,8 +153,7 @@ class _Tracer(fx.Tracer):
 
     def to_int(self, obj: fx.Proxy) -> int:
         if self.inputs is None or not _from_shapes(obj.node):
-            raise FxTraceError("a traced value is used as a Python int (range(), int(), an index) and it "
-                               "depends on tensor values, not only on their shapes")
+            raise FxTraceError("int() of a traced value that depends on tensor values, not only on their shapes")
         return self._concrete(obj, int)
 
     def iter(self, obj: fx.Proxy):
@@ -239,12 +238,12 @@ class _Tracer(fx.Tracer):
 
 
 class _ShapeProxy(fx.Proxy):
-    """A Proxy that can become a Python int when it is computed from shapes (`_Tracer.to_int`)."""
+    """A Proxy that `int()` turns into a Python int when it is computed from shapes
+    (`_Tracer.to_int`). Only `int()`: `__index__` would also be taken by torch's argument
+    parser (`torch.zeros(B, N)` with traced sizes), which fx records symbolically without it."""
 
-    def __index__(self) -> int:
+    def __int__(self) -> int:
         return self.tracer.to_int(self)
-
-    __int__ = __index__
 
 
 _SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension"})
