@@ -72,9 +72,25 @@ def macs_of(counter: FlopCounterMode) -> int:
     return counter.get_total_flops() // 2
 
 
+@contextlib.contextmanager
+def _frozen(model: torch.nn.Module):
+    """No parameter requires grad for the duration (flags restored after). FlopCounterMode's
+    module tracker hooks every module input that requires grad, and a view of a parameter
+    made under no_grad (timm's CaiT expands its class token) requires grad without having a
+    gradient function, which the hook asserts on."""
+    flags = [p for p in model.parameters() if p.requires_grad]
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in flags:
+            p.requires_grad_(True)
+
+
 def count_macs(model: torch.nn.Module, example_inputs) -> int:
     inputs = as_inputs(example_inputs)
-    with eval_mode(model), torch.no_grad(), macs_counter() as fc:
+    with eval_mode(model), torch.no_grad(), _frozen(model), macs_counter() as fc:
         model(*inputs)
     return macs_of(fc)
 

@@ -425,6 +425,22 @@ def test_branches_on_shapes_trace_with_a_run_time_check():
         copy.deepcopy(r.model).double()(image(s=9).double())
 
 
+def test_count_with_a_parameter_view_as_a_module_input():
+    """timm's CaiT expands its class token and feeds it to a block: FlopCounterMode's module
+    hooks asserted on that view (it requires grad, made under no_grad, without a grad_fn)."""
+    class Cls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.blk = nn.Parameter(torch.randn(1, 1, 8)), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.blk(self.tok.expand(x.shape[0], -1, -1)) + x.mean(1, keepdim=True)
+
+    model, x = Cls().eval(), torch.randn(2, 5, 8)
+    assert passes.count(model, x) == (8 + 64 + 8, 2 * 64)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_analyze_exposes_units_groups_and_pins():
     torch.manual_seed(0)
     model, x = UnknownOp().eval(), image()
