@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from passes.models import torchvision_model
+from passes.models import redraw_zero_matrices, torchvision_model
 from passes.report import cpu_model
 from passes.verify import flatten_outputs
 
@@ -149,12 +149,7 @@ def build(name: str, **kw) -> torch.nn.Module:
     if family_of(name) != "timm":
         return torchvision_model(name, **kw)  # weights=None, eval, all-zero weight matrices re-drawn
     import timm
-    model = timm.create_model(name[5:], pretrained=False, **kw).eval()
-    with torch.no_grad():  # as torchvision_model: zero-initialised heads would make outputs constant
-        for p in model.parameters():
-            if p.dim() > 1 and not p.any():
-                p.normal_(0, 0.02)
-    return model
+    return redraw_zero_matrices(timm.create_model(name[5:], pretrained=False, **kw).eval())
 
 
 def inputs_for(shapes) -> tuple[torch.Tensor, ...]:
@@ -339,9 +334,8 @@ def write_repro(name: str, reason: str) -> Path:
     safe = name.replace("/", "_")
     path = BUGS / f"zoo_{safe}.py"
     if family_of(name) == "timm":
-        make = (f"import timm\nmodel = timm.create_model({name[5:]!r}, pretrained=False).eval()\n"
-                f"with torch.no_grad():  # as the zoo builds it\n"
-                f"    [p.normal_(0, 0.02) for p in model.parameters() if p.dim() > 1 and not p.any()]")
+        make = (f"import timm\nfrom passes.models import redraw_zero_matrices\n"
+                f"model = redraw_zero_matrices(timm.create_model({name[5:]!r}, pretrained=False).eval())  # as the zoo builds it")
     else:
         make = (f"from passes.models import torchvision_model\n"
                 f"model = torchvision_model({name!r}, **{kw!r})  # as the zoo and the tests build it")

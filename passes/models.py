@@ -159,7 +159,13 @@ def torchvision_model(name: str, **kwargs) -> nn.Module:
 
     if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
         kwargs.setdefault("weights_backbone", None)
-    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    return redraw_zero_matrices(torchvision.models.get_model(name, weights=None, **kwargs).eval())
+
+
+def redraw_zero_matrices(model: nn.Module) -> nn.Module:
+    """Every all-zero weight matrix of `model` re-drawn from N(0, 0.02), in place; returns it.
+    Zero-initialised heads (torchvision's ViT, many of timm's) make the output constant and any
+    equivalence check vacuous."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1 and not p.any():

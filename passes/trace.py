@@ -269,13 +269,15 @@ def _from_shapes(node: fx.Node) -> bool:
     return True
 
 
-_TORCH_DIR, _PASSES_DIR = os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep
+def _in_library(filename: str) -> bool:
+    """A frame of torch's or passes' own code, not of the model being traced."""
+    return "/torch/" in filename or "/passes/" in filename
 
 
 def _user_line() -> str:
     """file:line `code` of the innermost frame outside torch and passes: the branch being traced."""
     f = sys._getframe(1)
-    while f is not None and f.f_code.co_filename.startswith((_TORCH_DIR, _PASSES_DIR)):
+    while f is not None and _in_library(f.f_code.co_filename):
         f = f.f_back
     if f is None:
         return "a branch on shapes"
@@ -677,7 +679,7 @@ def _trace_message(model: torch.nn.Module, e: Exception) -> str:
     """Name the innermost frame of user code (not torch's) and say what to do."""
     where = ""
     for fr in reversed(traceback.extract_tb(e.__traceback__)):
-        if "/torch/" not in fr.filename and "/passes/" not in fr.filename:
+        if not _in_library(fr.filename):
             where = f" at {fr.filename}:{fr.lineno} `{(fr.line or '').strip()}`"
             break
     first = (str(e).strip().splitlines() or [""])[0]
