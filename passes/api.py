@@ -16,7 +16,7 @@ from .count import count_params
 from .errors import InputError, PlanError, VerificationError
 from .labels import unique
 from .plan import Plan, keep_every_dim, select
-from .trace import as_inputs, check_model, module_attr, trace
+from .trace import as_inputs, check_model, eval_mode, module_attr, part_inputs, trace
 from .verify import VerifyReport, verify as _verify
 
 
@@ -39,6 +39,7 @@ class Report:
     units: int
     units_removed: int
     verify: VerifyReport | None = None
+    part: str | None = None  # the submodule pruned (`part=`); the figures above are its own
 
     def to_dict(self) -> dict:
         return {
@@ -48,10 +49,11 @@ class Report:
             "layers": [vars(l) for l in self.layers],
             "pinned": [vars(p) for p in self.pinned],
             "verify": self.verify.to_dict() if self.verify else None,
+            "part": self.part,
         }
 
     def summary(self) -> str:
-        return (f"params {self.params_before:,} -> {self.params_after:,} "
+        return ((f"part '{self.part}': " if self.part else "") + f"params {self.params_before:,} -> {self.params_after:,} "
                 f"({self.params_after / max(self.params_before, 1):.1%}), "
                 f"MACs {self.macs_before:,} -> {self.macs_after:,} "
                 f"({self.macs_after / max(self.macs_before, 1):.1%}), "
@@ -65,11 +67,15 @@ class PruneResult:
     report: Report
     graph: ChannelGraph = field(repr=False)
     removed_units: np.ndarray = field(repr=False)
+    part: str | None = None  # `part=`: `model` is the whole model, `graph` and `plan` the part's
 
 
-def analyze(model: torch.nn.Module, example_inputs) -> ChannelGraph:
-    """Trace and analyse without changing anything: units, groups, pins with reasons."""
+def analyze(model: torch.nn.Module, example_inputs, *, part: str | None = None) -> ChannelGraph:
+    """Trace and analyse without changing anything: units, groups, pins with reasons. With
+    `part`, of that submodule, on the inputs it receives (see `prune`)."""
     check_model(model)
+    if part is not None:
+        _, model, example_inputs = part_inputs(model, part, example_inputs)
     return analyze_graph(trace(_copy(model), as_inputs(example_inputs)))
 
 
@@ -145,8 +151,25 @@ def _tensor_attr(m: torch.nn.Module, name: str) -> torch.Tensor | None:
 def prune(model: torch.nn.Module, example_inputs, *, ratio: float = 0.5, importance: str = "l2",
           global_pruning: bool = False, round_to: int | None = None, ignored_layers=(),
           ratios: dict | None = None, max_ratio: float = 0.9, inplace: bool = False,
-          verify: bool = True, seed: int = 0, atol: float = 1e-5, rtol: float = 1e-4) -> PruneResult:
-    """Remove the lowest-importance channels; return a physically smaller, verified model."""
+          verify: bool = True, seed: int = 0, atol: float = 1e-5, rtol: float = 1e-4,
+          part: str | None = None) -> PruneResult:
+    """Remove the lowest-importance channels; return a physically smaller, verified model.
+
+    `part`: prune only this submodule (a qualified name), for a model fx cannot trace whole
+    (a detector loops over its list of images; its backbone traces). `example_inputs` is then
+    what the whole model is called with (a tuple of positional arguments, or its one argument:
+    `[image]` for a detector); the model runs once on it and the part is pruned and verified
+    on the inputs it received. The part's outputs are never pruned, so the rest of the model
+    receives the widths it expects; `ignored_layers` and `ratios` name modules of the whole
+    model (those outside the part change nothing). `result.model` is the whole model (a copy,
+    or the caller's with `inplace=True`), the part in it a pruned GraphModule that keeps the
+    part's plain attributes (a detector reads `backbone.out_channels`); the plan, graph and
+    report are the part's, and the plan remembers the part for `apply_plan`."""
+    if part is not None:
+        return _prune_part(model, example_inputs, part, ratio=ratio, importance=importance,
+                           global_pruning=global_pruning, round_to=round_to, ignored_layers=ignored_layers,
+                           ratios=ratios, max_ratio=max_ratio, inplace=inplace, verify=verify, seed=seed,
+                           atol=atol, rtol=rtol)
     _check_args(ratio, round_to, max_ratio, ratios)
     check_model(model)
     inputs = as_inputs(example_inputs)
@@ -175,17 +198,75 @@ def prune(model: torch.nn.Module, example_inputs, *, ratio: float = 0.5, importa
 
 def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs, *, verify: bool = True,
                inplace: bool = False, atol: float = 1e-5, rtol: float = 1e-4) -> PruneResult:
-    """Re-apply a saved plan to a fresh instance of the same architecture."""
+    """Re-apply a saved plan to a fresh instance of the same architecture (to the same part of
+    it, for a plan made with `part=`: `example_inputs` are then the whole model's)."""
     if not isinstance(plan, Plan):
         raise PlanError(f"apply_plan needs a passes.Plan, got {type(plan).__name__}: "
                         f"load a saved one with passes.Plan.load(path)")
     check_model(model)
+    if plan.settings.get("part"):
+        return _in_part(model, example_inputs, plan.settings["part"], inplace, verify,
+                        lambda sub, inputs: _apply_plan(sub, plan, inputs, verify, atol, rtol))
+    return _apply_plan(model, plan, example_inputs, verify, atol, rtol, inplace)
+
+
+def _apply_plan(model, plan, example_inputs, verify, atol, rtol, inplace=True) -> PruneResult:
     imp.check_finite(imp.float_tensors(model))
     inputs = as_inputs(example_inputs)
     reference = _copy(model) if (inplace and verify) else model
     cg = analyze_graph(trace(model if inplace else _copy(model), inputs))
     removed = plan.to_units(cg)
     return _finish(reference, cg, removed, plan, inputs, model if inplace else None, verify, atol, rtol)
+
+
+def _prune_part(model, example_inputs, part, *, ignored_layers, ratios, inplace, **settings) -> PruneResult:
+    """`prune(..., part=)`: the module names the caller gave are made relative to the part."""
+    check_model(model)
+    _check_args(settings["ratio"], settings["round_to"], settings["max_ratio"], ratios)
+    ignored = _within(_module_names(model, ignored_layers, "ignored_layers"), part)
+    names = _module_names(model, list((ratios or {}).keys()), "ratios")
+    rel = {n: r for n, r in zip(_within(names, part, keep_outside=True), (ratios or {}).values()) if n is not None}
+
+    def run(sub, inputs):
+        result = prune(sub, inputs, ignored_layers=ignored, ratios=rel, inplace=True, **settings)
+        result.plan.settings["part"] = part
+        return result
+    return _in_part(model, example_inputs, part, inplace, settings["verify"], run)
+
+
+def _within(names: list[str], part: str, keep_outside: bool = False) -> list:
+    """Module names of the whole model -> names inside `part` ("" for the part itself); names
+    outside it are dropped, or None with `keep_outside` (positions kept)."""
+    out = []
+    for n in names:
+        rel = "" if n == part else n[len(part) + 1:] if n.startswith(part + ".") else None
+        if rel is not None or keep_outside:
+            out.append(rel)
+    return out
+
+
+def _in_part(model, example_inputs, part, inplace, verify, run) -> PruneResult:
+    """Prune the submodule `part` of `model` (of a copy unless in place) with `run(sub, its
+    inputs)` in place; the part keeps its plain attributes; the whole model must still run."""
+    work = model if inplace else _copy(model)
+    part, sub, inputs = part_inputs(work, part, example_inputs)
+    plain = {k: v for k, v in vars(sub).items() if not k.startswith("_") and k != "training"
+             and not isinstance(v, (torch.Tensor, torch.nn.Module))}
+    result = run(sub, inputs)
+    for k, v in plain.items():
+        if k not in vars(sub) and not hasattr(type(sub), k):
+            setattr(sub, k, v)
+    if verify:
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        try:
+            with torch.no_grad(), eval_mode(work):
+                work(*args)
+        except Exception as e:  # noqa: BLE001 - whatever the model raises
+            raise VerificationError(
+                f"{type(work).__name__} does not run with its pruned part '{part}': {type(e).__name__}: "
+                f"{(str(e).strip().splitlines() or [''])[0]}", result.report.verify) from e
+    result.report.part = part
+    return PruneResult(work, result.plan, result.report, result.graph, result.removed_units, part)
 
 
 def _become(caller: torch.nn.Module, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -73,6 +73,47 @@ def check_model(model: torch.nn.Module) -> None:
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
+def part_inputs(model: torch.nn.Module, part: str, example_inputs) -> tuple[str, torch.nn.Module, tuple]:
+    """(name, submodule, the inputs it receives) for `part=`: `model` runs once on
+    `example_inputs` (a tuple is its positional arguments, anything else its one argument: a
+    detector's `[image]`), in eval mode without grad, and a forward pre-hook keeps the tensors
+    the submodule `part` receives on its first call (copies: what the model computed, as a
+    detector's backbone receives the resized, normalised and padded batch)."""
+    if not isinstance(part, str) or not part:
+        raise InputError(f"part must be the qualified name of a submodule (as in named_modules()), got {part!r}")
+    modules = dict(model.named_modules())
+    sub = modules.get(part)
+    if sub is None:
+        import difflib
+
+        close = difflib.get_close_matches(part, [n for n in modules if n], n=3)
+        raise InputError(f"part {part!r}: {type(model).__name__} has no submodule of that name"
+                         + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    seen: list = []
+    handle = sub.register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)) if not seen else None,
+                                           with_kwargs=True)
+    try:
+        with torch.no_grad(), eval_mode(model, modules.values()):
+            model(*args)
+    except Exception as e:  # noqa: BLE001 - whatever the model raises on these inputs
+        raise InputError(f"{type(model).__name__} does not run on example_inputs ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0]}); with part=, example_inputs is what the "
+                         f"whole model is called with: a tuple of its positional arguments, or its one "
+                         f"argument (a detector: [image])") from e
+    finally:
+        handle.remove()
+    if not seen:
+        raise InputError(f"part {part!r} ({type(sub).__name__}) is not called when {type(model).__name__} "
+                         f"runs on example_inputs")
+    args, kwargs = seen[0]
+    if kwargs or not args or not all(isinstance(t, torch.Tensor) for t in args):
+        given = [type(a).__name__ for a in args] + [f"{k}=" for k in kwargs]
+        raise InputError(f"part {part!r} ({type(sub).__name__}) is called with ({', '.join(given)}); "
+                         f"a part passes prunes is called with tensors as positional arguments only")
+    return part, sub, tuple(t.detach().clone() for t in args)
+
+
 def check_dtypes(tensors: dict[str, torch.Tensor]) -> None:
     """Refuse what the analysis cannot handle soundly: non-float32 weights. (NaN/Inf weights are
     refused by `passes.importance.scores`, whose norms read the weights anyway.)"""
@@ -688,9 +729,9 @@ def _trace_message(model: torch.nn.Module, e: Exception) -> str:
             "wrap it with torch.fx.wrap so it becomes one opaque node (its channels are then pinned)")
     part = next((n for n in _PARTS if isinstance(getattr(model, n, None), torch.nn.Module)), None)
     if part:  # detection models: the loop over images is outside the backbone
-        hint += (f"; or prune a part that traces on its own, in place: passes.prune(model.{part}, "
-                 f"<the input it receives>, inplace=True) (model outputs are never pruned, so the "
-                 f"rest of the model receives the widths it expects)")
+        hint += (f"; or prune a part that traces on its own: passes.prune(model, <what the model is "
+                 f"called with, [image] for a detector>, part={part!r}) (the part's outputs are never pruned, so the rest of the model "
+                 f"receives the widths it expects)")
     return f"torch.fx cannot trace {type(model).__name__}{where}: {type(e).__name__}: {first}. Fix: {hint}"
 
 

@@ -28,6 +28,7 @@ both errors.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +38,7 @@ from .channels import attr_at
 from .errors import InputError, VerificationError
 from .plan import removed_mask
 from .rules import layers as Ly, rule_for
-from .trace import FreshArgs, as_inputs, default_args, eval_mode, symbolic_trace
+from .trace import FreshArgs, as_inputs, default_args, eval_mode, part_inputs, symbolic_trace
 
 
 @dataclass
@@ -202,7 +203,12 @@ def _node(cg, name: str) -> fx.Node | None:
 
 def verify(original: torch.nn.Module, result, example_inputs, *, atol: float = 1e-5,
            rtol: float = 1e-4) -> VerifyReport:
-    """Check `result.model` against `original` and `result.plan` (see module docstring)."""
+    """Check `result.model` against `original` and `result.plan` (see module docstring). For a
+    result of `prune(..., part=)`, `example_inputs` are the whole model's: the part is checked
+    against the original's part, on the inputs that receives."""
+    if getattr(result, "part", None):
+        _, original, example_inputs = part_inputs(original, result.part, example_inputs)
+        result = dataclasses.replace(result, model=result.model.get_submodule(result.part), part=None)
     inputs = as_inputs(example_inputs)
     with torch.no_grad(), eval_mode(original), eval_mode(result.model):
         try:

@@ -520,3 +520,43 @@ def test_hooks_on_the_root_module_are_not_silently_dropped(kind):
         return
     with torch.no_grad():
         torch.testing.assert_close(r.model(x), model(x))
+
+
+class _WithParts(nn.Module):
+    """A backbone called with a tensor, a head called with a tensor and a keyword, and a spare
+    module the forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = cbr(3, 8)
+        self.head = _Scaled()
+        self.spare = nn.Linear(2, 2)
+
+    def forward(self, images: list):
+        return self.head(self.backbone(torch.stack(images)), scale=2.0)
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, scale=1.0):
+        return self.conv(x) * scale
+
+
+@pytest.mark.parametrize("part, inputs, needles", [
+    ("backbon", None, ["'backbon'", "no submodule", "did you mean 'backbone'"]),
+    ("", None, ["part must be", "''"]),
+    (3, None, ["part must be", "3"]),
+    ("spare", None, ["'spare'", "Linear", "not called"]),
+    ("head", None, ["'head'", "scale=", "positional"]),
+    ("backbone", "tensor", ["_WithParts does not run on example_inputs", "[image]"]),
+])
+def test_part_that_cannot_be_pruned_is_named(part, inputs, needles):
+    torch.manual_seed(0)
+    model = _WithParts().eval()
+    x = image(s=8) if inputs == "tensor" else [torch.rand(3, 8, 8)]
+    with pytest.raises(InputError) as ei:
+        passes.prune(model, x, part=part)
+    assert_clean(ei, InputError, *needles)

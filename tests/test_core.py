@@ -920,3 +920,69 @@ def test_instance_and_batch_statistics_over_channels_are_checked_exactly():
     assert r.model.a.out_features < 16
     assert {red.node for red in r.graph.reductions} == {"inn", "bn"}
     assert r.report.verify.exact and r.report.verify.max_rel_error <= 1e-4, r.report.verify.message
+
+
+class _ListModel(nn.Module):
+    """A model fx cannot trace whole (it loops over a list of images), around a backbone that
+    traces, with a plain attribute the rest of the model reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(cbr(3, 16), cbr(16, 16), nn.Conv2d(16, 8, 3, padding=1))
+        self.backbone.out_channels = 8
+        self.head = nn.Conv2d(self.backbone.out_channels, 4, 1)
+
+    def forward(self, images: list):
+        x = torch.stack([im * 2 - 1 for im in images])
+        feats = self.backbone(x)
+        assert feats.shape[1] == self.backbone.out_channels
+        return self.head(feats)
+
+
+def test_part_prunes_a_submodule_on_the_inputs_it_receives(tmp_path):
+    torch.manual_seed(0)
+    model = _ListModel().eval()
+    images = [torch.rand(3, 12, 12), torch.rand(3, 12, 12)]
+    with pytest.raises(TraceError, match=r"part='backbone'"):
+        passes.prune(model, torch.rand(1, 3, 12, 12))
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    r = passes.prune(model, images, part="backbone", ratio=0.5)
+    assert r.model is not model and r.part == "backbone" and r.report.part == "backbone"
+    assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())  # caller untouched
+    rep = r.report
+    assert rep.summary().startswith("part 'backbone': ")
+    assert rep.verify.ok and rep.verify.exact, rep.verify.message
+    assert rep.params_after < rep.params_before == sum(p.numel() for p in model.backbone.parameters())
+    assert r.model.backbone.out_channels == 8 and r.model.backbone.get_submodule("0.0").out_channels == 8
+    with torch.no_grad():
+        x = torch.stack([im * 2 - 1 for im in images])
+        assert r.model(images).shape == model(images).shape
+        # the part's outputs keep their channels: the unpruned head computes on them as before
+        kept = r.model.backbone(x)
+        assert torch.equal(r.model.head(kept), r.model(images))
+    assert passes.verify(model, r, images).ok
+    # the plan remembers the part: a fresh instance with the same weights prunes the same way
+    fresh = _ListModel().eval()
+    fresh.load_state_dict(params)
+    again = passes.apply_plan(fresh, passes.Plan.load(r.plan.save(tmp_path / "plan.json")), images)
+    assert again.part == "backbone" and again.plan.settings["part"] == "backbone"
+    assert {k: v.shape for k, v in again.model.state_dict().items()} == {k: v.shape for k, v in r.model.state_dict().items()}
+    with torch.no_grad():
+        assert torch.equal(again.model(images), r.model(images))
+    cg = passes.analyze(model, images, part="backbone")
+    assert len(cg.units) == r.report.units
+
+
+def test_part_in_place_and_module_names_of_the_whole_model():
+    torch.manual_seed(0)
+    model = _ListModel().eval()
+    images = [torch.rand(3, 10, 10)]
+    backbone, first = model.backbone, model.backbone[0][0]
+    r = passes.prune(model, images, part="backbone", ratio=0.5, inplace=True,
+                     ignored_layers=[first, model.head], ratios={"backbone.1.0": 0.75, "head": 0.9})
+    assert r.model is model and model.backbone is backbone  # the part object became the pruned graph
+    assert r.plan.settings["ignored_layers"] == ["0.0"] and r.plan.settings["ratios"] == {"1.0": 0.75}
+    assert first.out_channels == 16  # ignored, named as a module of the whole model
+    assert backbone.get_submodule("1.0").out_channels == 4  # its own ratio
+    with torch.no_grad():
+        assert model(images).shape == (1, 4, 10, 10)

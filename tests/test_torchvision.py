@@ -170,22 +170,25 @@ def test_mvit_head_widths_and_residual_stream_are_pruned(v2):
 
 def test_detection_model_prunes_through_its_backbone():
     """fx cannot trace a torchvision detector (its forward loops over a list of images); the
-    error says which part to prune instead, and pruning `model.backbone` in place (its FPN
-    outputs are model outputs, so they keep their 256 channels) leaves a detector that runs."""
+    error names the part to prune instead, and `part="backbone"` prunes the backbone on the
+    batch it receives (resized, normalised, padded by the detector's transform) in a copy of
+    the detector; the FPN outputs are the part's outputs, so they keep their 256 channels and
+    the heads run unchanged."""
     from passes import TraceError
 
-    model = build("fasterrcnn_mobilenet_v3_large_320_fpn", weights_backbone=None, min_size=128, max_size=128)
-    x = torch.randn(1, 3, 128, 128)
-    with pytest.raises(TraceError, match=r"passes\.prune\(model\.backbone, .*inplace=True\)"):
-        passes.prune(model, x)
-    backbone = model.backbone
-    r = passes.prune(backbone, x, ratio=0.5, inplace=True)
-    assert r.model is backbone and model.backbone is backbone
+    model = build("fasterrcnn_mobilenet_v3_large_320_fpn", weights_backbone=None, min_size=96, max_size=96)
+    images = [torch.rand(3, 80, 112)]
+    with pytest.raises(TraceError, match=r"part='backbone'"):
+        passes.prune(model, torch.randn(1, 3, 96, 96))
+    r = passes.prune(model, images, ratio=0.5, part="backbone")
     rep = r.report
     assert rep.verify.ok and rep.verify.exact, rep.verify.message
     assert rep.params_after < 0.5 * rep.params_before
+    assert r.model is not model and r.model.backbone.out_channels == 256
+    batch = r.graph.traced.example_inputs[0]
+    assert batch.shape[2:] != (80, 112) and batch.shape[2] % 32 == 0  # what the backbone received
     with torch.no_grad():
-        features = backbone(x)
-        detections = model([torch.rand(3, 128, 128)])
+        features = r.model.backbone(batch)
+        detections = r.model(images)
     assert {k: v.shape[1] for k, v in features.items()} == {"0": 256, "1": 256, "pool": 256}
     assert set(detections[0]) == {"boxes", "labels", "scores"} and detections[0]["boxes"].shape[1] == 4
