@@ -75,7 +75,7 @@ def analyze(model: torch.nn.Module, example_inputs, *, part: str | None = None) 
     `part`, of that submodule, on the inputs it receives (see `prune`)."""
     check_model(model)
     if part is not None:
-        _, model, example_inputs = part_inputs(model, part, example_inputs)
+        model, example_inputs = part_inputs(model, part, example_inputs)
     return analyze_graph(trace(_copy(model), as_inputs(example_inputs)))
 
 
@@ -249,7 +249,7 @@ def _in_part(model, example_inputs, part, inplace, verify, run) -> PruneResult:
     """Prune the submodule `part` of `model` (of a copy unless in place) with `run(sub, its
     inputs)` in place; the part keeps its plain attributes; the whole model must still run."""
     work = model if inplace else _copy(model)
-    part, sub, inputs = part_inputs(work, part, example_inputs)
+    sub, inputs = part_inputs(work, part, example_inputs)
     plain = {k: v for k, v in vars(sub).items() if not k.startswith("_") and k != "training"
              and not isinstance(v, (torch.Tensor, torch.nn.Module))}
     result = run(sub, inputs)

@@ -73,8 +73,8 @@ def check_model(model: torch.nn.Module) -> None:
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def part_inputs(model: torch.nn.Module, part: str, example_inputs) -> tuple[str, torch.nn.Module, tuple]:
-    """(name, submodule, the inputs it receives) for `part=`: `model` runs once on
+def part_inputs(model: torch.nn.Module, part: str, example_inputs) -> tuple[torch.nn.Module, tuple]:
+    """(the submodule, the inputs it receives) for `part=`: `model` runs once on
     `example_inputs` (a tuple is its positional arguments, anything else its one argument: a
     detector's `[image]`), in eval mode without grad, and a forward pre-hook keeps the tensors
     the submodule `part` receives on its first call (copies: what the model computed, as a
@@ -111,7 +111,7 @@ def part_inputs(model: torch.nn.Module, part: str, example_inputs) -> tuple[str,
         given = [type(a).__name__ for a in args] + [f"{k}=" for k in kwargs]
         raise InputError(f"part {part!r} ({type(sub).__name__}) is called with ({', '.join(given)}); "
                          f"a part passes prunes is called with tensors as positional arguments only")
-    return part, sub, tuple(t.detach().clone() for t in args)
+    return sub, tuple(t.detach().clone() for t in args)
 
 
 def check_dtypes(tensors: dict[str, torch.Tensor]) -> None:
@@ -730,8 +730,8 @@ def _trace_message(model: torch.nn.Module, e: Exception) -> str:
     part = next((n for n in _PARTS if isinstance(getattr(model, n, None), torch.nn.Module)), None)
     if part:  # detection models: the loop over images is outside the backbone
         hint += (f"; or prune a part that traces on its own: passes.prune(model, <what the model is "
-                 f"called with, [image] for a detector>, part={part!r}) (the part's outputs are never pruned, so the rest of the model "
-                 f"receives the widths it expects)")
+                 f"called with, [image] for a detector>, part={part!r}) (the part's outputs are never "
+                 f"pruned, so the rest of the model receives the widths it expects)")
     return f"torch.fx cannot trace {type(model).__name__}{where}: {type(e).__name__}: {first}. Fix: {hint}"
 
 

@@ -207,7 +207,7 @@ def verify(original: torch.nn.Module, result, example_inputs, *, atol: float = 1
     result of `prune(..., part=)`, `example_inputs` are the whole model's: the part is checked
     against the original's part, on the inputs that receives."""
     if getattr(result, "part", None):
-        _, original, example_inputs = part_inputs(original, result.part, example_inputs)
+        original, example_inputs = part_inputs(original, result.part, example_inputs)
         result = dataclasses.replace(result, model=result.model.get_submodule(result.part), part=None)
     inputs = as_inputs(example_inputs)
     with torch.no_grad(), eval_mode(original), eval_mode(result.model):
