@@ -13,10 +13,10 @@ from . import importance as imp
 from . import rewrite
 from .channels import ChannelGraph, analyze_graph
 from .count import count_params
-from .errors import InputError, PlanError, VerificationError
+from .errors import InputError, PlanError, VerificationError, first_line
 from .labels import unique
 from .plan import Plan, keep_every_dim, select
-from .trace import as_inputs, check_model, eval_mode, module_attr, part_inputs, trace
+from .trace import as_inputs, call_whole, check_model, module_attr, part_inputs, trace
 from .verify import VerifyReport, verify as _verify
 
 
@@ -223,9 +223,9 @@ def _prune_part(model, example_inputs, part, *, ignored_layers, ratios, inplace,
     """`prune(..., part=)`: the module names the caller gave are made relative to the part."""
     check_model(model)
     _check_args(settings["ratio"], settings["round_to"], settings["max_ratio"], ratios)
-    ignored = _within(_module_names(model, ignored_layers, "ignored_layers"), part)
+    ignored = [r for n in _module_names(model, ignored_layers, "ignored_layers") if (r := _relative(n, part)) is not None]
     names = _module_names(model, list((ratios or {}).keys()), "ratios")
-    rel = {n: r for n, r in zip(_within(names, part, keep_outside=True), (ratios or {}).values()) if n is not None}
+    rel = {r: v for n, v in zip(names, (ratios or {}).values()) if (r := _relative(n, part)) is not None}
 
     def run(sub, inputs):
         result = prune(sub, inputs, ignored_layers=ignored, ratios=rel, inplace=True, **settings)
@@ -234,15 +234,10 @@ def _prune_part(model, example_inputs, part, *, ignored_layers, ratios, inplace,
     return _in_part(model, example_inputs, part, inplace, settings["verify"], run)
 
 
-def _within(names: list[str], part: str, keep_outside: bool = False) -> list:
-    """Module names of the whole model -> names inside `part` ("" for the part itself); names
-    outside it are dropped, or None with `keep_outside` (positions kept)."""
-    out = []
-    for n in names:
-        rel = "" if n == part else n[len(part) + 1:] if n.startswith(part + ".") else None
-        if rel is not None or keep_outside:
-            out.append(rel)
-    return out
+def _relative(name: str, part: str) -> str | None:
+    """A module name of the whole model as a name inside `part` ("" for the part itself), or
+    None outside it."""
+    return "" if name == part else name[len(part) + 1:] if name.startswith(part + ".") else None
 
 
 def _in_part(model, example_inputs, part, inplace, verify, run) -> PruneResult:
@@ -257,14 +252,12 @@ def _in_part(model, example_inputs, part, inplace, verify, run) -> PruneResult:
         if k not in vars(sub) and not hasattr(type(sub), k):
             setattr(sub, k, v)
     if verify:
-        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         try:
-            with torch.no_grad(), eval_mode(work):
-                work(*args)
+            call_whole(work, example_inputs)
         except Exception as e:  # noqa: BLE001 - whatever the model raises
             raise VerificationError(
                 f"{type(work).__name__} does not run with its pruned part '{part}': {type(e).__name__}: "
-                f"{(str(e).strip().splitlines() or [''])[0]}", result.report.verify) from e
+                f"{first_line(e)}", result.report.verify) from e
     result.report.part = part
     return PruneResult(work, result.plan, result.report, result.graph, result.removed_units, part)
 

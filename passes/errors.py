@@ -7,6 +7,11 @@ catch the family and print a one-line message instead of a traceback.
 from __future__ import annotations
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message: what messages quote of an error underneath."""
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 class PassesError(Exception):
     """Base class of every error `passes` raises on purpose."""
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 FORMS = ("torchvision:NAME, path/to/file.py:factory, package.module:factory "
          "or a whole model saved with torch.save (.pt)")
@@ -64,7 +64,7 @@ def check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...], shapes: list)
             model(*inputs)
     except Exception as e:  # noqa: BLE001 - whatever the forward raises
         raise ShapeError(f"{type(model).__name__} does not run on --input-shape {format_shapes(shapes)}: "
-                         f"{type(e).__name__}: {_first(e)}; pass the shape the model expects "
+                         f"{type(e).__name__}: {first_line(e)}; pass the shape the model expects "
                          f"with --input-shape") from e
 
 
@@ -190,7 +190,7 @@ def _import_file(path: Path, spec: str):
         module_spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - whatever the user's file raises is a bad spec
         del sys.modules[name]
-        raise ModelSpecError(f"importing {str(path)!r} raised {type(e).__name__}: {_first(e)}; "
+        raise ModelSpecError(f"importing {str(path)!r} raised {type(e).__name__}: {first_line(e)}; "
                              f"fix the file so that `python {path.name}` runs") from e
     finally:
         sys.path.remove(str(path.parent))
@@ -201,10 +201,10 @@ def _import_module(name: str, spec: str):
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
-        raise ModelSpecError(f"cannot import {name!r} for model spec {spec!r} ({_first(e)}); "
+        raise ModelSpecError(f"cannot import {name!r} for model spec {spec!r} ({first_line(e)}); "
                              f"install the package or give a file path: path/to/file.py:factory") from e
     except Exception as e:  # noqa: BLE001
-        raise ModelSpecError(f"importing {name!r} raised {type(e).__name__}: {_first(e)}; "
+        raise ModelSpecError(f"importing {name!r} raised {type(e).__name__}: {first_line(e)}; "
                              f"fix the module so that it imports") from e
 
 
@@ -224,7 +224,7 @@ def _call_factory(module, factory: str, spec: str) -> nn.Module:
         model = target()
     except Exception as e:  # noqa: BLE001 - a factory that fails is a bad spec
         raise ModelSpecError(f"calling {factory}() from {spec!r} raised {type(e).__name__}: "
-                             f"{_first(e)}; the factory must build the model with no arguments") from e
+                             f"{first_line(e)}; the factory must build the model with no arguments") from e
     return _module(model, f"{factory}()").eval()
 
 
@@ -234,7 +234,7 @@ def _load_saved(path: Path, spec: str) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - pickle and zip errors of every kind
-        raise ModelSpecError(f"torch.load({str(path)!r}) raised {type(e).__name__}: {_first(e)}; "
+        raise ModelSpecError(f"torch.load({str(path)!r}) raised {type(e).__name__}: {first_line(e)}; "
                              f"pass a whole model saved with torch.save(model, path)") from e
     if isinstance(obj, dict):
         raise ModelSpecError(f"{str(path)!r} holds a dict (a state_dict?), not a model; save the "
@@ -251,7 +251,3 @@ def _module(obj, what: str) -> nn.Module:
 
 def _short(name: str) -> str:
     return re.sub(r"[^\w.-]", "_", name.split(".")[-1]) or "model"
-
-
-def _first(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]

@@ -27,7 +27,7 @@ from torch.fx.proxy import TraceError as FxTraceError
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .errors import InputError, TraceError
+from .errors import InputError, TraceError, first_line
 from .modules import SlimMultiheadAttention
 from .shapes import fast_meta, meta_like
 
@@ -73,6 +73,14 @@ def check_model(model: torch.nn.Module) -> None:
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
+def call_whole(model: torch.nn.Module, example_inputs, modules=None):
+    """`model` called as `part=` calls it: a tuple is its positional arguments, anything else its
+    one argument; in eval mode, without grad. `modules`: all of model's modules, when known."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    with torch.no_grad(), eval_mode(model, modules):
+        return model(*args)
+
+
 def part_inputs(model: torch.nn.Module, part: str, example_inputs) -> tuple[torch.nn.Module, tuple]:
     """(the submodule, the inputs it receives) for `part=`: `model` runs once on
     `example_inputs` (a tuple is its positional arguments, anything else its one argument: a
@@ -89,16 +97,14 @@ def part_inputs(model: torch.nn.Module, part: str, example_inputs) -> tuple[torc
         close = difflib.get_close_matches(part, [n for n in modules if n], n=3)
         raise InputError(f"part {part!r}: {type(model).__name__} has no submodule of that name"
                          + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     seen: list = []
     handle = sub.register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)) if not seen else None,
                                            with_kwargs=True)
     try:
-        with torch.no_grad(), eval_mode(model, modules.values()):
-            model(*args)
+        call_whole(model, example_inputs, modules.values())
     except Exception as e:  # noqa: BLE001 - whatever the model raises on these inputs
         raise InputError(f"{type(model).__name__} does not run on example_inputs ({type(e).__name__}: "
-                         f"{(str(e).strip().splitlines() or [''])[0]}); with part=, example_inputs is what the "
+                         f"{first_line(e)}); with part=, example_inputs is what the "
                          f"whole model is called with: a tuple of its positional arguments, or its one "
                          f"argument (a detector: [image])") from e
     finally:
@@ -678,7 +684,7 @@ class NodeFailure(Exception):
 
     def __init__(self, node: fx.Node, error: Exception):
         self.node, self.error = node, error
-        first = (str(error).strip().splitlines() or [""])[0]
+        first = first_line(error)
         super().__init__(f"node '{node.name}' ({_target(node)}) raised {type(error).__name__}: {first}")
 
 
@@ -723,7 +729,7 @@ def _trace_message(model: torch.nn.Module, e: Exception) -> str:
         if not _in_library(fr.filename):
             where = f" at {fr.filename}:{fr.lineno} `{(fr.line or '').strip()}`"
             break
-    first = (str(e).strip().splitlines() or [""])[0]
+    first = first_line(e)
     hint = ("the forward uses a traced value in Python control flow or a Python builtin; "
             "make that branch independent of tensor values, or move it into a submodule and "
             "wrap it with torch.fx.wrap so it becomes one opaque node (its channels are then pinned)")

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from .channels import attr_at
-from .errors import InputError, VerificationError
+from .errors import InputError, VerificationError, first_line
 from .plan import removed_mask
 from .rules import layers as Ly, rule_for
 from .trace import FreshArgs, as_inputs, default_args, eval_mode, part_inputs, symbolic_trace
@@ -215,7 +215,7 @@ def verify(original: torch.nn.Module, result, example_inputs, *, atol: float = 1
             ref = flatten_outputs(original(*inputs))
         except Exception as e:  # shapes are propagated on meta tensors, which check no values
             raise InputError(f"the model does not run on example inputs: {type(e).__name__}: "
-                             f"{(str(e).strip().splitlines() or [''])[0]}") from e
+                             f"{first_line(e)}") from e
         got = flatten_outputs(result.model(*inputs))
     shapes = [tuple(t.shape) for t in ref] == [tuple(t.shape) for t in got]
     if not shapes:
@@ -274,7 +274,7 @@ def _in_float64(masked: fx.GraphModule, pruned: torch.nn.Module, masks: dict, in
             got = flatten_outputs(pruned64(*inputs64))
         return _errors(got, want)
     except Exception as e:  # an op without float64 support, a dtype baked into the graph, ...
-        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        return f"{type(e).__name__}: {first_line(e)}"
 
 
 def check(original, result, example_inputs, **tol) -> VerifyReport:

@@ -376,9 +376,7 @@ def _keep_leading(ctx, node):
     x = _x(ctx, node)
     meta = node.meta["tensor_meta"]
     n = max(len(x) - _spatial_dims(ctx, node, len(x)), 0)
-    for a in x[n:]:
-        if a.any():
-            ctx.pin(a, ctx.why("pooling or resampling over a channel dim"))
+    ctx.pin_value(x[n:], ctx.why("pooling or resampling over a channel dim"))
     if not hasattr(meta, "shape"):  # return_indices=True: (values, indices)
         return tuple(_keep(x, m.shape, n) for m in meta)
     return _keep(x, meta.shape, n)
@@ -401,9 +399,7 @@ def _tile_last(ctx, node):
     shape = _out_shape(node)
     if shape[-1] % len(x[-1]):
         return UNKNOWN.labels(ctx, node)
-    for a in x[:-1]:
-        if a.any():
-            ctx.pin(a, ctx.why("strided slices of a channel dim"))
+    ctx.pin_value(x[:-1], ctx.why("strided slices of a channel dim"))
     return tuple(L.zeros(s) for s in shape[:-1]) + (np.tile(x[-1], shape[-1] // len(x[-1])),)
 
 
