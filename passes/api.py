@@ -252,14 +252,19 @@ def _in_part(model, example_inputs, part, inplace, verify, run) -> PruneResult:
         if k not in vars(sub) and not hasattr(type(sub), k):
             setattr(sub, k, v)
     if verify:
-        try:
-            call_whole(work, example_inputs)
-        except Exception as e:  # noqa: BLE001 - whatever the model raises
-            raise VerificationError(
-                f"{type(work).__name__} does not run with its pruned part '{part}': {type(e).__name__}: "
-                f"{first_line(e)}", result.report.verify) from e
+        check_whole(work, example_inputs, part, result.report.verify)
     result.report.part = part
     return PruneResult(work, result.plan, result.report, result.graph, result.removed_units, part)
+
+
+def check_whole(model: torch.nn.Module, example_inputs, part: str, report=None) -> None:
+    """The whole model, its part pruned, must still run on `example_inputs`: else a
+    VerificationError (carrying the part's verify report, if any)."""
+    try:
+        call_whole(model, example_inputs)
+    except Exception as e:  # noqa: BLE001 - whatever the model raises
+        raise VerificationError(f"{type(model).__name__} does not run with its pruned part '{part}': "
+                                f"{type(e).__name__}: {first_line(e)}", report) from e
 
 
 def _become(caller: torch.nn.Module, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -1,8 +1,9 @@
 """The `passes` command: prune (and export, benchmark, report), bench, inspect.
 
     passes prune [MODEL] [--ratio 0.5] [--round-to 8] [--input-shape 1,3,224,224] [--out DIR] ...
+    passes prune torchvision:fasterrcnn_resnet50_fpn --part backbone --list-input --input-shape 3,320,320
     passes bench original.onnx pruned.onnx [--input-shape ...] [--runs 50] [--json FILE]
-    passes inspect MODEL [--input-shape ...]
+    passes inspect MODEL [--input-shape ...] [--part NAME [--list-input]]
 
 MODEL forms are in `passes.models`; the report is built by `passes.report`. `prune` writes
 into a hidden temporary folder next to DIR and renames it to DIR only when every step passed,
@@ -111,9 +112,16 @@ def _step(err: Console, label: str, timings: dict) -> Iterator[None]:
     err.print(f"[green]done[/] {label} ({timings[label]:.1f} s)")
 
 
-def _inputs(shape: str, seed: int) -> tuple[list, tuple]:
+def _inputs(shape: str, seed: int, part: str | None = None, list_input: bool = False) -> tuple[list, tuple]:
+    """(shapes, the model's positional arguments): the example tensors, or with `list_input`
+    one list holding them (a detector's `[image]`), which only a part can be traced from."""
+    if list_input and part is None:
+        raise UsageError("--list-input calls the model with a list of tensors, which torch.fx cannot "
+                         "trace as a whole model; add --part NAME, a submodule called with tensors "
+                         "(a torchvision detector: --part backbone)")
     shapes = parse_shapes(shape)
-    return shapes, make_inputs(shapes, seed)
+    tensors = make_inputs(shapes, seed)
+    return shapes, ([*tensors],) if list_input else tensors
 
 
 # ------------------------------------------------------------------------------------------
@@ -195,43 +203,57 @@ def prune(
     no_bench: bool = typer.Option(False, "--no-bench", help="skip the ONNX Runtime benchmark"),
     runs: int = typer.Option(50, min=1, help="timed benchmark rounds"),
     seed: int = typer.Option(0, help="seed for model init, example inputs and random importance"),
+    part: Optional[str] = typer.Option(None, help="prune only this submodule (qualified name), for a model "
+                                       "torch.fx cannot trace whole, e.g. a detector's backbone; the "
+                                       "ONNX files, benchmark and report are then the part's"),
+    list_input: bool = typer.Option(False, "--list-input", help="call the model with one list of the "
+                                    "example tensors, as torchvision detectors take [image] (with --part)"),
 ) -> None:
-    """Prune MODEL, verify it, export original and pruned ONNX, benchmark both, write a report."""
-    from .api import prune as prune_model
+    """Prune MODEL, verify it, export original and pruned ONNX, benchmark both, write a report.
+
+    With --part, the whole model runs once on the example inputs, the submodule is pruned and
+    verified on the tensors it receives, the whole model is run again with the pruned part,
+    and the original and pruned part are exported and benchmarked on those tensors."""
+    from .api import check_whole, prune as prune_model
     from .bench import benchmark
     from .export import export_onnx
     from .report import build_report, rich_table, to_markdown
+    from .trace import part_inputs
     from .verify import verify as verify_model
 
     console, err = _consoles()
     timings: dict[str, float] = {}
     ignored = [n.strip() for item in (ignore or []) for n in item.split(",") if n.strip()]
     with _user_errors(err):
-        shapes, inputs = _inputs(input_shape, seed)
+        shapes, inputs = _inputs(input_shape, seed, part, list_input)
         import torch
 
         torch.manual_seed(seed)
         with _step(err, "load model", timings):
             loaded = load_model(model)
-            check_runs(loaded.model, inputs, shapes)
+            check_runs(loaded.model, inputs, shapes, list_input)
         out = out if out is not None else Path("passes-out") / loaded.name
         settings = dict(ratio=ratio, importance=importance, global_pruning=global_pruning,
-                        round_to=round_to, ignored_layers=ignored, seed=seed)
+                        round_to=round_to, ignored_layers=ignored, seed=seed,
+                        **({"part": part} if part else {}))
         command = shlex.join(["passes", "prune", model, "--ratio", f"{ratio:g}", "--importance", importance,
                               *(["--global"] if global_pruning else []), "--round-to", str(round_to),
                               *(a for n in ignored for a in ("--ignore", n)), "--input-shape",
-                              format_shapes(shapes), "--out", str(out),
+                              format_shapes(shapes), *(["--part", part] if part else []),
+                              *(["--list-input"] if list_input else []), "--out", str(out),
                               *(["--no-bench"] if no_bench else ["--runs", str(runs)]), "--seed", str(seed)])
         stage = Staging(out)
         try:
-            with _step(err, "trace + prune", timings):
+            with _step(err, "trace + prune" if part is None else f"trace + prune part {part!r}", timings):
                 result = prune_model(loaded.model, inputs, ratio=ratio, importance=importance,
                                    global_pruning=global_pruning, round_to=round_to,
-                                   ignored_layers=ignored, seed=seed, verify=False)
+                                   ignored_layers=ignored, seed=seed, verify=False, part=part)
             with _step(err, "verify", timings):
                 result.report.verify = verify_model(loaded.model, result, inputs)
                 if not result.report.verify.ok:
                     raise VerificationError(result.report.verify.message, result.report.verify)
+                if part is not None:  # prune ran the whole model with the part only when verifying
+                    check_whole(result.model, inputs, part, result.report.verify)
             with _step(err, "save pruned.pt + plan.json", timings):
                 try:
                     torch.save(result.model, stage.tmp / "pruned.pt")
@@ -240,18 +262,23 @@ def prune(
                     raise SaveError(f"cannot save the pruned model with torch.save: {type(e).__name__}: "
                                     f"{e}; keep lambdas and locally defined classes out of the model's "
                                     f"modules and attributes") from e
+            original, pruned, onnx_inputs = loaded.model, result.model, inputs
+            if part is not None:  # the part's tensors: what the whole model hands it
+                original, onnx_inputs = part_inputs(loaded.model, part, inputs)
+                pruned = result.model.get_submodule(part)
             exports = {}
-            for key, module in (("original", loaded.model), ("pruned", result.model)):
+            for key, module in (("original", original), ("pruned", pruned)):
                 with _step(err, f"export {key}.onnx", timings):
-                    exports[key] = export_onnx(module, inputs, stage.tmp / f"{key}.onnx")
+                    exports[key] = export_onnx(module, onnx_inputs, stage.tmp / f"{key}.onnx")
             bench = None
             if not no_bench:
                 with _step(err, f"benchmark ({runs} interleaved runs)", timings):
-                    bench = benchmark([exports["original"], exports["pruned"]], inputs, runs=runs,
+                    bench = benchmark([exports["original"], exports["pruned"]], onnx_inputs, runs=runs,
                                       names=["original", "pruned"])
             report = build_report(model=loaded.name, spec=loaded.spec, input_shapes=shapes,
                                   settings=settings, command=command, result=result,
-                                  exports=exports, bench=bench, timings=timings)
+                                  exports=exports, bench=bench, timings=timings,
+                                  part_input_shapes=[tuple(t.shape) for t in onnx_inputs] if part else None)
             (stage.tmp / "report.json").write_text(json.dumps(report, indent=1))
             (stage.tmp / "report.md").write_text(to_markdown(report))
             stage.commit()
@@ -333,21 +360,25 @@ def inspect(
     model: str = typer.Argument(..., help="torchvision:NAME, path/to/file.py:factory, package.module:factory or .pt"),
     input_shape: str = typer.Option(DEFAULT_SHAPE, help="example input shape, e.g. 1,3,224,224"),
     seed: int = typer.Option(0, help="seed for model init and example inputs"),
+    part: Optional[str] = typer.Option(None, help="analyse only this submodule, on the tensors it receives"),
+    list_input: bool = typer.Option(False, "--list-input", help="call the model with one list of the "
+                                    "example tensors, as torchvision detectors take [image] (with --part)"),
 ) -> None:
     """Channel analysis without pruning: groups, pinned channels with reasons, layer widths."""
     from .api import analyze
 
     console, err = _consoles()
     with _user_errors(err):
-        shapes, inputs = _inputs(input_shape, seed)
+        shapes, inputs = _inputs(input_shape, seed, part, list_input)
         import torch
 
         torch.manual_seed(seed)
         loaded = load_model(model)
-        check_runs(loaded.model, inputs, shapes)
+        check_runs(loaded.model, inputs, shapes, list_input)
         with err.status("tracing and analysing ..."):
-            cg = analyze(loaded.model, inputs)
-    console.print(f"{loaded.name}: {len(cg.units)} pruning units in {len(cg.groups)} groups; "
+            cg = analyze(loaded.model, inputs, part=part)
+    subject = loaded.name + (f" part {part!r}" if part else "")
+    console.print(f"{subject}: {len(cg.units)} pruning units in {len(cg.groups)} groups; "
                   f"{len(cg.pinned_roots)} channel classes pinned", soft_wrap=True, markup=False)
     groups = Table(title="groups (channels pruned together share a group)")
     for h in ("group", "units", "producing parameters"):
@@ -362,7 +393,8 @@ def inspect(
     widths = Table(title="layer widths (weight shapes)")
     for h in ("layer", "kind", "shape"):
         widths.add_column(h)
-    for name, module in loaded.model.named_modules():
+    root = loaded.model.get_submodule(part) if part else loaded.model
+    for name, module in root.named_modules(prefix=part or ""):
         w = getattr(module, "in_proj_weight", None)
         w = w if w is not None else getattr(module, "weight", None)
         if hasattr(w, "shape"):

@@ -55,17 +55,19 @@ class ShapeError(InputError):
     says_what_to_do = True
 
 
-def check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...], shapes: list) -> None:
-    """One eval-mode forward on the example inputs; a model that raises gives a ShapeError."""
+def check_runs(model: nn.Module, inputs: tuple, shapes: list, list_input: bool = False) -> None:
+    """One eval-mode forward on the example inputs (the model's positional arguments); a model
+    that raises gives a ShapeError."""
     from .trace import eval_mode
 
     try:
         with torch.no_grad(), eval_mode(model):
             model(*inputs)
     except Exception as e:  # noqa: BLE001 - whatever the forward raises
-        raise ShapeError(f"{type(model).__name__} does not run on --input-shape {format_shapes(shapes)}: "
-                         f"{type(e).__name__}: {first_line(e)}; pass the shape the model expects "
-                         f"with --input-shape") from e
+        given = f"--input-shape {format_shapes(shapes)}" + (" as one list (--list-input)" if list_input else "")
+        raise ShapeError(f"{type(model).__name__} does not run on {given}: {type(e).__name__}: "
+                         f"{first_line(e)}; pass the shape the model expects with --input-shape"
+                         + ("" if list_input else " (--list-input if it takes a list of tensors)")) from e
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ prune report), ONNX file sizes and ORT parity errors of both exports, ORT p50 la
 (interleaved, `passes.bench`), latency speedup, MAC reduction and their ratio (speedup / MAC
 reduction; 1.0 means latency fell exactly as much as MACs did), the masked-equivalence
 verdict, per-layer widths, pinned channels with reasons, the command and the machine.
-Ratios are original / pruned, so > 1 means smaller or faster.
+Ratios are original / pruned, so > 1 means smaller or faster. For a run with `--part`, all of
+these are the part's (its ONNX files are exported on the tensors the whole model hands it);
+`part` and `part_input_shapes` say which part and on what.
 """
 
 from __future__ import annotations
@@ -64,9 +66,12 @@ def _ratio(a, b) -> float | None:
 
 
 def build_report(*, model: str, spec: str, input_shapes: list, settings: dict, command: str,
-                 result, exports: dict, bench=None, timings: dict | None = None) -> dict:
+                 result, exports: dict, bench=None, timings: dict | None = None,
+                 part_input_shapes: list | None = None) -> dict:
     """`result`: PruneResult; `exports`: {"original": ExportResult, "pruned": ExportResult};
-    `bench`: BenchReport with rows (original, pruned) or None."""
+    `bench`: BenchReport with rows (original, pruned) or None. For a result of `part=`, the
+    counts, files and latencies are the part's, and `part_input_shapes` are the shapes of the
+    tensors it receives."""
     rep = result.report
     ver = rep.verify
     p50 = (bench.rows[0].p50_ms, bench.rows[1].p50_ms) if bench else (None, None)
@@ -75,6 +80,8 @@ def build_report(*, model: str, spec: str, input_shapes: list, settings: dict, c
     return {
         "format": FORMAT,
         "model": model, "spec": spec, "input_shapes": [list(s) for s in input_shapes],
+        "part": getattr(result, "part", None),
+        "part_input_shapes": None if part_input_shapes is None else [list(s) for s in part_input_shapes],
         "command": command, "settings": settings,
         "params_before": rep.params_before, "params_after": rep.params_after,
         "param_reduction": _ratio(rep.params_before, rep.params_after),
@@ -134,7 +141,7 @@ def metric_rows(r: dict) -> list[tuple[str, str, str, str]]:
 
 
 def rich_table(r: dict) -> Table:
-    table = Table(title=f"{r['model']} pruned: {r['verdict']}")
+    table = Table(title=f"{_subject(r)} pruned: {r['verdict']}")
     for h in ("metric", "original", "pruned", "ratio"):
         table.add_column(h, justify="left" if h == "metric" else "right")
     for row in metric_rows(r):
@@ -145,14 +152,27 @@ def rich_table(r: dict) -> Table:
     return table
 
 
+def _subject(r: dict) -> str:
+    """The model's name, or its part's: "resnet18", "fasterrcnn_resnet50_fpn part 'backbone'"."""
+    return r["model"] + (f" part {r['part']!r}" if r.get("part") else "")
+
+
+def _shapes(shapes: list) -> str:
+    return "; ".join(",".join(map(str, x)) for x in shapes)
+
+
 def to_markdown(r: dict) -> str:
     v = r["verify"] or {}
     m = r["machine"]
     s = r["speedup_over_mac_reduction"]
-    lines = [f"# passes prune: {r['model']}", "",
+    part = r.get("part")
+    lines = [f"# passes prune: {_subject(r)}", "",
              "```", r["command"], "```", "",
-             f"Input shape(s): {'; '.join(','.join(map(str, x)) for x in r['input_shapes'])}. "
+             f"Input shape(s): {_shapes(r['input_shapes'])}. "
              f"Settings: " + ", ".join(f"{k}={val}" for k, val in r["settings"].items()) + ".", "",
+             *([f"Only the submodule `{part}` was pruned, on the tensors the whole model hands it "
+                f"({_shapes(r['part_input_shapes'] or [])}); the whole model ran with the pruned part. "
+                f"Params, MACs, ONNX files and latencies below are the part's.", ""] if part else []),
              "| metric | original | pruned | ratio |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in metric_rows(r)]
     lines += ["", f"Speedup / MAC reduction: {'-' if s is None else f'{s:.2f}'} "

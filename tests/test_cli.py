@@ -57,6 +57,22 @@ FACTORIES = textwrap.dedent("""
 
     def needs_arg(width):
         return make()
+
+    class Listed(nn.Module):  # called with a list of images, as detectors are: fx cannot trace it whole
+
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                          nn.Conv2d(16, 8, 3, padding=1))
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, images):
+            x = torch.stack([im * 2 - 1 for im in images])
+            return self.head(self.backbone(x))
+
+    def listed():
+        torch.manual_seed(0)
+        return Listed()
 """)
 
 
@@ -205,6 +221,9 @@ BAD = [  # (args after `prune`, exit code, text the one-line error must contain)
     (["{factories}:make", "--ratio", "1.5"], 2, "1.5"),
     (["{factories}:make", "--ignore", "nolayer"], 2, "nolayer"),
     (["{factories}:make", "--out", "{file}/out"], 2, "not a directory"),
+    (["{factories}:listed", "--list-input", "--input-shape", "3,8,8"], 2, "--part"),
+    (["{factories}:listed", "--list-input", "--input-shape", "3,8,8", "--part", "backbne"], 2, "'backbone'"),
+    (["{factories}:listed", "--input-shape", "3,8,8", "--part", "backbone"], 2, "--list-input"),
     (["{factories}:raises"], 1, "boom during export"),
     (["{factories}:differs"], 1, "max abs error 0.5"),
 ]
@@ -227,6 +246,41 @@ def test_bad_input_gives_one_line_and_no_output(args, code, needle, factories: P
     assert needle.lower() in errors[0].lower() and "; " in errors[0]
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "factories.py"]  # nothing else
+
+
+def test_part_of_a_model_called_with_a_list(factories: Path, tmp_path) -> None:
+    """--part with --list-input: the backbone is pruned on what the model hands it (its images
+    stacked), the whole model is saved, and the ONNX files and report are the part's."""
+    out = tmp_path / "out"
+    result = run("prune", f"{factories}:listed", "--part", "backbone", "--list-input", "--input-shape", "3,8,8",
+                 "--runs", "2", "--round-to", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    r = json.loads((out / "report.json").read_text())
+    assert r["part"] == "backbone" and r["part_input_shapes"] == [[1, 3, 8, 8]] and r["input_shapes"] == [[3, 8, 8]]
+    assert r["settings"]["part"] == "backbone" and "--part backbone --list-input" in r["command"]
+    assert r["verdict"] == "masked-equivalent"
+    assert r["params_before"] == 3 * 16 * 9 + 16 + 2 * 16 + 16 * 8 * 9 + 8  # the backbone's alone
+    assert r["params_after"] < r["params_before"]
+    assert "Only the submodule `backbone` was pruned" in (out / "report.md").read_text()
+    model = torch.load(out / "pruned.pt", weights_only=False)  # the whole model
+    assert type(model).__name__ == "Listed" and model.head.in_channels == 8
+    images = [torch.rand(3, 8, 8), torch.rand(3, 8, 8)]
+    with torch.no_grad():
+        y = model(images)
+        x = torch.stack([im * 2 - 1 for im in images])
+        feats = model.backbone(x)
+    assert y.shape == (2, 4, 8, 8)
+    session = ort.InferenceSession(str(out / "pruned.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.shape[1:] for i in session.get_inputs()] == [[3, 8, 8]]  # the backbone's input
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], feats.numpy(),
+                               atol=1e-5)
+    plan = passes.Plan.load(out / "plan.json")
+    assert plan.settings["part"] == "backbone"
+    inspected = run("inspect", f"{factories}:listed", "--part", "backbone", "--list-input", "--input-shape", "3,8,8")
+    assert inspected.exit_code == 0, inspected.output
+    assert "listed part 'backbone'" in inspected.stdout and "backbone.0" in inspected.stdout
+    assert "head" not in inspected.stdout
 
 
 def test_failed_run_keeps_the_previous_result(factories: Path, tmp_path) -> None:
