@@ -211,7 +211,7 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs, *, verify: bo
 
 
 def _apply_plan(model, plan, example_inputs, verify, atol, rtol, inplace=True) -> PruneResult:
-    imp.check_finite(imp.float_tensors(model))
+    imp.check_finite(*imp.float_tensors(model))
     inputs = as_inputs(example_inputs)
     reference = _copy(model) if (inplace and verify) else model
     cg = analyze_graph(trace(model if inplace else _copy(model), inputs))

@@ -42,7 +42,8 @@ def _slice_sums(t: torch.Tensor, dims: list[int], kind: str, scratch: torch.Tens
 def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray:
     """Score per atom-class root (index by unit root); only `cg.units` entries are meaningful.
 
-    Also refuses NaN/Inf weights and buffers (`InputError` naming the tensor): the slice norms
+    Also refuses NaN/Inf weights, NaN buffers and infinite normalisation statistics
+    (`InputError` naming the tensor; see `inf_allowed`): the slice norms
     computed for scoring read every scored parameter anyway, so only the rest is summed here.
     The per-slice sums of all tensors are joined before the square roots, the conversion to
     float64 and the finiteness test (one op each instead of one per parameter dim); a bias or
@@ -52,8 +53,9 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
     out = np.zeros(cg.uf.size, dtype=np.float64)
     params = cg.traced.params  # buffers (running stats) are not weights
     tensors = {n: t for table in (params, cg.traced.buffers) for n, t in table.items() if t.is_floating_point()}
+    inf_ok = inf_allowed(cg.traced.buffers)
     if criterion == "random":
-        check_finite(tensors)
+        check_finite(tensors, inf_ok)
         out[cg.units] = np.random.default_rng(seed).random(len(cg.units))
         return out
     is_unit = np.zeros(cg.uf.size, dtype=bool)
@@ -68,7 +70,7 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
             if name in params and name in tensors]
     sums, sum_roots, vectors, vector_roots = [], [], [], []
     if not work:
-        check_finite(tensors)
+        check_finite(tensors, inf_ok)
         return out
     scratch = torch.empty(max((t.numel() for _, t, _, _ in work if t.dim() > 1), default=0))
     for name, t, labs, dims in work:
@@ -87,25 +89,43 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
     norms = np.concatenate(norms)
     if not np.isfinite(norms).all():  # every element is in one slice of each dim: name the tensor
         check_finite({name: t for name, t, _, _ in work})
-    check_finite(tensors)
+    check_finite(tensors, inf_ok)
     return np.bincount(np.concatenate(sum_roots + vector_roots), norms, minlength=cg.uf.size)
 
 
-def float_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Floating-point parameters and buffers by name: what `check_finite` checks."""
-    return {name: t for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_floating_point()}
+def float_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], frozenset]:
+    """Floating-point parameters and buffers by name, and the names of the buffers that may
+    hold +-Inf: what `check_finite` checks."""
+    buffers = {name: t for name, t in module.named_buffers() if t.is_floating_point()}
+    params = {name: t for name, t in module.named_parameters() if t.is_floating_point()}
+    return {**params, **buffers}, inf_allowed(buffers)
 
 
-def check_finite(tensors: dict[str, torch.Tensor]) -> None:
-    """InputError naming the first tensor with NaN/Inf values (one sum per tensor, then a count
-    only for a tensor whose sum is not finite: a sum can overflow where no value is Inf)."""
+def inf_allowed(buffers) -> frozenset:
+    """Names of buffers that may hold +-Inf: all but normalisation statistics. An attention
+    mask of -Inf or an unbounded clamp (Gemma 4's ClippableLinear: input_min = -Inf) is a value
+    like any other, while an infinite running mean or variance makes the output NaN."""
+    return frozenset(n for n in buffers if not n.endswith((".running_mean", ".running_var"))
+                     and n not in ("running_mean", "running_var"))
+
+
+def check_finite(tensors: dict[str, torch.Tensor], inf_ok: frozenset = frozenset()) -> None:
+    """InputError naming the first tensor with NaN/Inf values (NaN only for the names in
+    `inf_ok`); one sum per tensor, then a count only for a tensor whose sum is not finite (a
+    sum can overflow where no value is Inf, and is NaN where +Inf and -Inf meet)."""
     if not tensors:
         return
     names = list(tensors)
     with torch.no_grad():
         sums = torch.stack([tensors[n].detach().sum().float() for n in names])
         for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
-            bad = int((~torch.isfinite(tensors[names[i]])).sum())
+            name, t = names[i], tensors[names[i]].detach()
+            if name in inf_ok:
+                bad, what = int(torch.isnan(t).sum()), "NaN"
+            else:
+                bad, what = int((~torch.isfinite(t)).sum()), "NaN/Inf"
             if bad:
-                raise InputError(f"parameter '{names[i]}' has {bad} NaN/Inf values; "
-                                 f"importance and equivalence checks need finite weights")
+                kind = "buffer" if name in inf_ok else "parameter"
+                raise InputError(f"{kind} '{name}' has {bad} {what} values; importance and equivalence "
+                                 f"checks need finite weights" + ("" if name not in inf_ok else
+                                                                  " (+-Inf is accepted in buffers)"))

@@ -163,7 +163,7 @@ _TRANSFORMERS = (torch.nn.TransformerEncoder, torch.nn.TransformerEncoderLayer,
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's default tracer, with two changes.
+    """torch.fx's default tracer, with these changes.
 
     - passes' own replacements are opaque nodes: the SlimMultiheadAttention module is a leaf and
       `passes.ops.window_attention(_3d)` are wrapped, so a pruned model traces like its original did
@@ -171,13 +171,17 @@ class _Tracer(fx.Tracer):
     - with `open_transformers`, nn.TransformerEncoder/Decoder and their layers are traced
       through (torch.nn modules are leaves by default, which left every channel of a model
       built from them pinned): their MultiheadAttention, Linear and LayerNorm submodules stay
-      leaves with rules of their own. See `symbolic_trace` for what tracing them takes.
+      leaves with rules of their own. See `symbolic_trace` for what tracing them takes;
+    - the module classes in `opaque` are leaves: submodules fx could not trace through (see
+      `symbolic_trace`).
     """
 
-    def __init__(self, open_transformers: bool = False, inputs: tuple | None = None):  # torch.load: no arguments
+    def __init__(self, open_transformers: bool = False, inputs: tuple | None = None,
+                 opaque: frozenset = frozenset()):  # torch.load: no arguments
         from .ops import window_attention, window_attention_3d
 
         super().__init__(autowrap_functions=(window_attention, window_attention_3d))
+        self.opaque = opaque
         self.open_transformers = open_transformers
         self.inputs = inputs  # example inputs: branches on shapes are taken as they go for these
         self._values: fx.Interpreter | None = None  # the graph built so far, run on the inputs
@@ -241,7 +245,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if self.open_transformers and type(m) in _TRANSFORMERS:
             return False
-        return isinstance(m, SlimMultiheadAttention) or super().is_leaf_module(m, qualname)
+        return isinstance(m, SlimMultiheadAttention) or type(m) in self.opaque or super().is_leaf_module(m, qualname)
 
     # The overrides below only skip work for the commonest cases; the graph they build is
     # fx's own (tests/test_core.py compares the two on every test structure and two models).
@@ -372,21 +376,64 @@ def _traceable_transformers():
         tx._get_seq_len = original
 
 
+OPAQUE = "passes.opaque"  # GraphModule.meta key: {module class name: why fx could not trace it}
+_MAX_OPAQUE = 16  # module classes made opaque before a trace failure is reported as it is
+
+
 def symbolic_trace(model: torch.nn.Module, concrete: dict | None = None, modules=None,
                    inputs: tuple | None = None) -> fx.GraphModule:
     """`torch.fx.symbolic_trace` with passes' tracer. nn.Transformer* modules are traced through;
     if that fails (masks passed as traced values), they are traced again as leaves. `concrete`:
     forward's parameters fixed to a value (`default_args`); `modules`: all of model's modules,
     when the caller has them; `inputs`: example inputs, with which branches on tensor shapes
-    trace (as they go for these inputs, checked at run time: see `_Tracer.to_bool`)."""
+    trace (as they go for these inputs, checked at run time: see `_Tracer.to_bool`).
+
+    A submodule fx cannot trace through (a branch on tensor values, a write to a traced tensor,
+    an attribute set in forward, a builtin given traced values: timm's GPSA, LiteMLA) does not
+    fail the model: the trace starts again with that module's class a leaf, one opaque node
+    that runs the module's own forward, whose channels the analysis pins (it has no rule). The
+    class is the innermost one whose own code (not torch's) was running when the trace failed;
+    the model's own forward is never made opaque, its failure is the error. The classes and
+    the trace errors that made them opaque are in `gm.meta[OPAQUE]`."""
     concrete = concrete or {}
-    if any(type(m) in _TRANSFORMERS for m in (model.modules() if modules is None else modules)):
+    modules = list(model.modules() if modules is None else modules)
+    opaque: dict[type, str] = {}
+    while True:
+        try:
+            gm = _trace_once(model, concrete, modules, inputs, frozenset(opaque))
+        except Exception as e:
+            cls = _failing_class(e, model, modules)
+            if cls is None or cls in opaque or len(opaque) >= _MAX_OPAQUE:
+                raise
+            opaque[cls] = f"{type(e).__name__}: {first_line(e)}"[:300]
+            continue
+        if opaque:
+            gm.meta[OPAQUE] = {f"{c.__module__}.{c.__qualname__}": why for c, why in opaque.items()}
+        return gm
+
+
+def _trace_once(model, concrete, modules, inputs, opaque: frozenset) -> fx.GraphModule:
+    if any(type(m) in _TRANSFORMERS for m in modules):
         try:
             with _traceable_transformers():
-                return _trace_with(_Tracer(open_transformers=True, inputs=inputs), model, concrete)
+                return _trace_with(_Tracer(open_transformers=True, inputs=inputs, opaque=opaque), model, concrete)
         except Exception:
             pass  # the leaf trace below gives the error worth reporting, if any
-    return _trace_with(_Tracer(inputs=inputs), model, concrete)
+    return _trace_with(_Tracer(inputs=inputs, opaque=opaque), model, concrete)
+
+
+def _failing_class(e: BaseException, model: torch.nn.Module, modules: list) -> type | None:
+    """The class of the innermost submodule of `model` (not `model` itself) whose own code was
+    running when `e` was raised during a trace, or None."""
+    ids = {id(m) for m in modules if m is not model}
+    found = None
+    for frame, _ in traceback.walk_tb(e.__traceback__):
+        if _in_library(frame.f_code.co_filename):
+            continue
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module) and id(owner) in ids:
+            found = type(owner)
+    return found
 
 
 def default_args(model: torch.nn.Module, n_inputs: int) -> dict:
@@ -731,8 +778,8 @@ def _trace_message(model: torch.nn.Module, e: Exception) -> str:
             break
     first = first_line(e)
     hint = ("the forward uses a traced value in Python control flow or a Python builtin; "
-            "make that branch independent of tensor values, or move it into a submodule and "
-            "wrap it with torch.fx.wrap so it becomes one opaque node (its channels are then pinned)")
+            "make that branch independent of tensor values, or move it into a submodule (a "
+            "submodule fx cannot trace is kept whole, as one opaque node whose channels are pinned)")
     part = next((n for n in _PARTS if isinstance(getattr(model, n, None), torch.nn.Module)), None)
     if part:  # detection models: the loop over images is outside the backbone
         hint += (f"; or prune a part that traces on its own: passes.prune(model, <what the model is "

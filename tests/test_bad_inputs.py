@@ -247,7 +247,7 @@ def test_data_dependent_control_flow_names_file_and_line(cls, tag):
     with pytest.raises(TraceError) as ei:
         passes.prune(cls().eval(), image(s=8))
     msg = assert_clean(ei, TraceError, f"test_bad_inputs.py:{_line_of(tag)}", cls.__name__)
-    assert "torch.fx.wrap" in msg  # says what to do
+    assert "submodule" in msg and "opaque" in msg  # says what to do
 
 
 def test_analyze_raises_the_same_trace_error():
@@ -362,6 +362,33 @@ def test_nan_inf_weights_name_the_parameter(where, value):
     with pytest.raises(InputError) as ei:
         passes.apply_plan(model, plan, x)
     assert_clean(ei, InputError, f"'{where}'", "1 NaN/Inf")
+
+
+class _Masked(nn.Module):
+    """A buffer of -Inf (an attention mask, an unbounded clamp): a value like any other."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+        self.register_buffer("floor", torch.full((1, 8, 1, 1), float("-inf")))
+
+    def forward(self, x):
+        return self.b(torch.maximum(self.a(x), self.floor))
+
+
+def test_infinite_buffers_are_values_but_nan_is_refused():
+    torch.manual_seed(0)
+    model, x = _Masked().eval(), image(s=8)
+    r = passes.prune(model, x, ratio=0.5)
+    assert r.report.verify.ok and r.report.params_after < r.report.params_before
+    assert passes.apply_plan(_Masked().eval(), r.plan, x).report.verify.ok
+    with torch.no_grad():
+        model.floor[0, 3] = float("nan")
+    for call in (lambda: passes.prune(model, x), lambda: passes.apply_plan(model, r.plan, x)):
+        with pytest.raises(InputError) as ei:
+            call()
+        assert_clean(ei, InputError, "buffer 'floor'", "1 NaN values")
 
 
 # -- plans ------------------------------------------------------------------------------------

@@ -383,6 +383,77 @@ def test_trace_failure_names_the_line():
         passes.prune(Branchy(), image())
 
 
+class _ValueGate(nn.Module):
+    """A branch on tensor values and a write into a tensor: fx traces neither."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.mean() > 0:
+            y = y * 2
+        y[:, 0] = 0
+        return y
+
+
+class _Wrapper(nn.Module):
+    """Traceable itself; only its gate is not."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.pre = cbr(c, c)
+        self.gate = _ValueGate(c)
+
+    def forward(self, x):
+        return self.gate(self.pre(x))
+
+
+class _Helper(nn.Module):
+    """A method called directly, not through __call__: making the class a leaf changes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(8, 8, 1)
+
+    def scale(self, x):
+        return x / torch.sqrt(torch.tensor(x.shape[1]))
+
+
+class _CallsHelper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.helper = _Helper()
+
+    def forward(self, x):
+        return self.helper.scale(self.stem(x))
+
+
+def test_a_submodule_fx_cannot_trace_is_kept_whole_and_pinned():
+    torch.manual_seed(0)
+    model = nn.Sequential(cbr(3, 16), _Wrapper(16), _Wrapper(16), cbr(16, 24), nn.Conv2d(24, 5, 1)).eval()
+    x = image()
+    r = passes.prune(model, x, ratio=0.5)
+    assert r.report.verify.ok and r.report.verify.exact, r.report.verify.message
+    # only the innermost failing class is opaque: its wrapper is traced (and its conv pruned)
+    opaque = r.model.meta["passes.opaque"]
+    assert list(opaque) == [f"{__name__}._ValueGate"] and "control flow" in opaque[f"{__name__}._ValueGate"]
+    assert {n.target for n in r.model.graph.nodes if n.op == "call_module" and n.target.endswith("gate")} == {"1.gate", "2.gate"}
+    reasons = {p.reason for p in r.report.pinned}
+    assert any(p.startswith("torch.fx cannot trace _ValueGate.forward (TraceError") for p in reasons), reasons
+    widths = {l.name: (l.before, l.after) for l in r.report.layers}
+    assert widths["1.gate.conv"][0] == widths["1.gate.conv"][1] == (16, 16, 1, 1)  # kept whole
+    assert widths["3.0"][1][0] < 24  # pruned downstream of the opaque gates
+    # the gate runs its own forward: the branch goes both ways in the pruned model as in the original
+    for sign in (1.0, -1.0):
+        assert passes.verify(model, r, sign * x.abs()).ok
+    # the model's own forward is never made opaque, nor a class whose failing method is not forward
+    with pytest.raises(TraceError, match=r"torch\.tensor\(x\.shape\[1\]\)"):
+        passes.prune(_CallsHelper().eval(), image())
+
+
 class ShapeBranches(nn.Module):
     """Python control flow on tensor shapes (timm's MobileViT, TinyViT, Twins, CrossViT pad or
     resize when a size does not fit), and a channel count turned into a Python int."""

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from ..channels import Ctx, attr_at, describe_target, iter_arrays
+from ..trace import OPAQUE
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,12 @@ def _is_labels(v: Any) -> bool:
 
 def _unknown(ctx: Ctx, node: fx.Node):
     reason = ctx.why("no rule for this op")
+    if node.op == "call_module":
+        cls = type(ctx.module(node))
+        failed = ctx.gm.meta.get(OPAQUE, {}).get(f"{cls.__module__}.{cls.__qualname__}")
+        if failed is not None:
+            reason = ctx.why(f"torch.fx cannot trace {cls.__name__}.forward ({failed}), so the module is "
+                             f"kept whole")
     for a in list(node.args) + list(node.kwargs.values()):
         ctx.pin_value(ctx.labels(a), reason)
     if node.op == "call_module":  # parameters of an opaque module stay as they are
