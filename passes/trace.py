@@ -242,6 +242,10 @@ class _Tracer(fx.Tracer):
                     run.env[n] = run.run_node(n)
         return run.env[node]
 
+    def trace(self, root, concrete_args=None):
+        with _traceable_builtins(self):
+            return super().trace(root, concrete_args)
+
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if self.open_transformers and type(m) in _TRANSFORMERS:
             return False
@@ -353,6 +357,50 @@ def _append_node(g: fx.Graph, op, target, args, kwargs, name, type_expr) -> fx.N
 
 
 _PLAIN = (int, float, bool, str, type(None))
+_FROM_DATA = ("tensor", "as_tensor", "scalar_tensor")  # torch.<name>(data, ...)
+_FROM_SIZES = ("ones", "zeros", "empty", "rand", "randn")  # torch.<name>(*size, ...)
+
+
+def _has_proxy(v) -> bool:
+    if isinstance(v, fx.Proxy):
+        return True
+    return isinstance(v, (list, tuple)) and any(_has_proxy(x) for x in v)
+
+
+@contextlib.contextmanager
+def _traceable_builtins(tracer: fx.Tracer):
+    """Two kinds of torch function that fx cannot record when given traced values, while the
+    trace runs: `torch.tensor(n)` of a traced number (RAFT divides by
+    `torch.sqrt(torch.tensor(num_channels))`) reads it as an array and fails, so a call given
+    traced data becomes a graph node of the function itself; `torch.ones(B, N)` with traced
+    sizes fails torch's argument parser (as varargs), so the sizes are passed as one tuple
+    (`torch.ones((B, N))`, which fx records). Calls without traced values go straight through;
+    the graph names the original functions, so the rules see `torch.tensor`, `torch.ones`."""
+    originals = {name: getattr(torch, name) for name in _FROM_DATA + _FROM_SIZES}
+
+    def from_data(f):
+        def call(data, *args, **kwargs):
+            if _has_proxy(data):
+                return tracer.create_proxy("call_function", f, (data, *args), kwargs)
+            return f(data, *args, **kwargs)
+        return call
+
+    def from_sizes(f):
+        def call(*size, **kwargs):
+            if len(size) > 1 and any(isinstance(s, fx.Proxy) for s in size):
+                return f(tuple(size), **kwargs)
+            return f(*size, **kwargs)
+        return call
+
+    for name in _FROM_DATA:
+        setattr(torch, name, from_data(originals[name]))
+    for name in _FROM_SIZES:
+        setattr(torch, name, from_sizes(originals[name]))
+    try:
+        yield
+    finally:
+        for name, f in originals.items():
+            setattr(torch, name, f)
 
 
 @contextlib.contextmanager

@@ -418,7 +418,7 @@ class _Helper(nn.Module):
         self.c = nn.Conv2d(8, 8, 1)
 
     def scale(self, x):
-        return x / torch.sqrt(torch.tensor(x.shape[1]))
+        return x * 2 if x.mean() > 0 else x
 
 
 class _CallsHelper(nn.Module):
@@ -450,8 +450,48 @@ def test_a_submodule_fx_cannot_trace_is_kept_whole_and_pinned():
     for sign in (1.0, -1.0):
         assert passes.verify(model, r, sign * x.abs()).ok
     # the model's own forward is never made opaque, nor a class whose failing method is not forward
-    with pytest.raises(TraceError, match=r"torch\.tensor\(x\.shape\[1\]\)"):
+    with pytest.raises(TraceError, match=r"`return x \* 2 if x\.mean\(\) > 0 else x`"):
         passes.prune(_CallsHelper().eval(), image())
+
+
+class _Factories(nn.Module):
+    """torch.ones(B, 1, H, W) with traced sizes (fx alone fails: varargs); with `count`, also
+    the channel count as a value: torch.tensor(C) (RAFT's correlation scale) and torch.full."""
+
+    def __init__(self, count: bool):
+        super().__init__()
+        self.count = count
+        self.a, self.b = cbr(3, 8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        B, C, H, W = y.shape
+        y = y * torch.ones(B, 1, H, W)
+        if not self.count:
+            return self.b(y)
+        return self.b(y) / torch.sqrt(torch.tensor(C, dtype=x.dtype)) + torch.full((B, 1, H, W), C)
+
+
+def test_torch_factories_given_traced_sizes_and_counts():
+    originals = (torch.tensor, torch.ones)
+    torch.manual_seed(0)
+    x = image()
+    r = passes.prune(_Factories(count=False).eval(), x, ratio=0.5)
+    assert r.report.verify.exact and r.report.units_removed > 0
+    assert any(n.target is torch.ones and isinstance(n.args[0], tuple) for n in r.model.graph.nodes)
+    with torch.no_grad():  # the sizes stay symbolic: another batch and size run
+        assert r.model(image(b=3, s=12)).shape == (3, 4, 12, 12)
+    r = passes.prune(_Factories(count=True).eval(), x, ratio=0.5)
+    assert r.report.verify.exact
+    widths = {l.name: l.after for l in r.report.layers}
+    assert widths["a.0"][0] == 8  # the count C is a value: its channels stay
+    reasons = " ".join(p.reason for p in r.report.pinned)
+    assert "count is used as a number at node 'tensor' (torch.tensor)" in reasons
+    assert "at node 'full' (torch.full)" in reasons
+    assert (torch.tensor, torch.ones) == originals  # the trace put torch's functions back
+    with pytest.raises(TraceError):
+        passes.prune(_CallsHelper().eval(), image())
+    assert (torch.tensor, torch.ones) == originals
 
 
 class ShapeBranches(nn.Module):

@@ -175,8 +175,22 @@ def _repeat_interleave(ctx, node):
 
 
 # -- cat, stack, split ------------------------------------------------------------------------
+def _parts(ctx, node):
+    """Labels of the tensors a cat/stack joins: a list of nodes, or one node whose value is a
+    tuple of tensors (`torch.stack(torch.meshgrid(...))`); None for anything else."""
+    tensors = arg(node, 0, "tensors")
+    if isinstance(tensors, fx.Node):
+        v = ctx.labels(tensors)
+        ok = isinstance(v, (tuple, list)) and v and all(
+            isinstance(p, tuple) and all(isinstance(a, np.ndarray) for a in p) for p in v)
+        return list(v) if ok else None
+    return [ctx.labels(t) for t in tensors]
+
+
 def _cat(ctx, node):
-    parts = [ctx.labels(t) for t in arg(node, 0, "tensors")]
+    parts = _parts(ctx, node)
+    if parts is None:
+        return UNKNOWN.labels(ctx, node)
     dim = arg(node, 1, "dim", 0)
     nd = len(_out_shape(node))
     dim %= nd
@@ -194,7 +208,9 @@ def _cat(ctx, node):
 
 
 def _stack(ctx, node):
-    parts = [ctx.labels(t) for t in arg(node, 0, "tensors")]
+    parts = _parts(ctx, node)
+    if parts is None:
+        return UNKNOWN.labels(ctx, node)
     dim = arg(node, 1, "dim", 0) % (len(parts[0]) + 1)
     for p in parts[1:]:
         for a, b in zip(parts[0], p):
@@ -368,6 +384,14 @@ def _create(ctx, node):
     return ctx.unlabeled_like(node)
 
 
+def _full(ctx, node):
+    """torch.full(size, fill_value), x.new_full(size, fill_value): the size is a shape, the
+    fill value a number, so a channel count given as the value is pinned."""
+    fill = arg(node, 2 if node.op == "call_method" else 1, "fill_value")
+    ctx.pin_value(ctx.labels(fill), ctx.why("a channel count is used as a number"))
+    return _create(ctx, node)
+
+
 # -- channel-preserving ops over other dims ---------------------------------------------------
 def _keep_leading(ctx, node):
     """Pooling, interpolation: the leading (batch, channel) dims keep their labels; the pooled
@@ -441,6 +465,7 @@ NUMEL = Rule(_numel)
 LEN = Rule(_len)
 GETATTR = Rule(_getattr)
 CREATE = Rule(_create, shape_args=True)
+FULL = Rule(_full, shape_args=True)
 KEEP_LEADING = Rule(_keep_leading, shape_args=True)
 TILE_LAST = Rule(_tile_last)
 PAD = Rule(_pad)
