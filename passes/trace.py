@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import linecache
+import operator
 import os
 import sys
 import traceback
@@ -225,7 +226,11 @@ class _Tracer(fx.Tracer):
         shapes = ", ".join(str(tuple(t.shape)) for t in self.inputs)
         msg = (f"passes traced this model on inputs of shapes {shapes}, where {_user_line()} was "
                f"{value!r}; for these inputs it is not, and the traced graph has only the branch taken then")
-        self.create_proxy("call_function", torch._assert, (obj if value is True else obj == value, msg), {})
+        # a bool is tested as itself or negated (`obj == False` has no TorchScript op: the ONNX
+        # exporter failed on it and fell back to one that bakes the batch size), a number by ==
+        cond = obj if value is True else (self.create_proxy("call_function", operator.not_, (obj,), {})
+                                          if value is False else obj == value)
+        self.create_proxy("call_function", torch._assert, (cond, msg), {})
 
     def _value(self, node: fx.Node):
         """`node`'s value on the example inputs: the nodes added since the last call run first
