@@ -494,6 +494,32 @@ def test_torch_factories_given_traced_sizes_and_counts():
     assert (torch.tensor, torch.ones) == originals
 
 
+class _MergedBatch(nn.Module):
+    """Channels merged with the batch by a computed size (timm's MobileViT unfolds patches
+    with reshape(B * C * nh, ph, nw, pw)), and split back."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = cbr(3, 8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        B, C, H, W = y.shape
+        z = y.reshape(B * C * (H // 2), 2, W // 2, 2).transpose(1, 2) * 2
+        return self.b(z.transpose(1, 2).reshape(B, C, H, W))
+
+
+def test_a_computed_size_merging_batch_and_channels_stays_batch_agnostic():
+    torch.manual_seed(0)
+    model = _MergedBatch().eval()
+    r = passes.prune(model, image(b=1), ratio=0.5)
+    assert r.report.verify.exact and r.model.get_submodule("a.0").out_channels == 4
+    reshapes = [n.args[1:] for n in r.model.graph.nodes if n.op == "call_method" and n.target == "reshape"]
+    assert reshapes and all(-1 in args for args in reshapes)  # inferred, not the example's 1 * 4 * 8
+    x3 = image(b=3)
+    assert passes.verify(model, r, x3).exact  # the example had batch 1; batch 3 runs and matches
+
+
 class ShapeBranches(nn.Module):
     """Python control flow on tensor shapes (timm's MobileViT, TinyViT, Twins, CrossViT pad or
     resize when a size does not fit), and a channel count turned into a Python int."""

@@ -65,46 +65,52 @@ def _reshape_rewrite(rctx, node):
         return
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if name in ("view", "reshape"):
-        _rewrite_size_args(rctx, node)
+        _rewrite_size_args(rctx, node, infer=True)
     elif name == "unflatten":
         new, labelled = rctx.new_shape(node), _labelled(rctx, node)
         dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
         dim = dim % len(new)
         k = slice(dim, dim + len(sizes))
-        set_arg(node, 2, "sizes", tuple(_fix_sizes(sizes, new[k], labelled[k])))
+        set_arg(node, 2, "sizes", tuple(_fix_sizes(sizes, new[k], labelled[k], infer=True)))
 
 
 def _labelled(rctx, node):
     return [a.any() for a in rctx.labels_of(node)]
 
 
-def _fix_sizes(sizes, new, labelled):
+def _fix_sizes(sizes, new, labelled, infer: bool = False):
     """Literal sizes become the pruned sizes; so does a computed size on a channel dim (it may
-    come from another tensor, e.g. `out.reshape(B, N, x.shape[-1])`: the plan decides it)."""
+    come from another tensor, e.g. `out.reshape(B, N, x.shape[-1])`: the plan decides it).
+    With `infer` (view, reshape, unflatten), a computed size on a channel dim becomes -1 when it
+    is the only one and no size is -1 already: the computed size can hold the batch size too
+    (timm's MobileViT reshapes to `B * C * num_patch_h`), which a literal would fix at the
+    example's batch, while the inferred size is whatever the tensor holds."""
     out = []
-    for s, n, lab in zip(sizes, new, labelled):
+    computed = [k for k, (s, lab) in enumerate(zip(sizes, labelled)) if isinstance(s, fx.Node) and lab]
+    minus_one = infer and len(computed) == 1 and not any(isinstance(s, int) and s == -1 for s in sizes)
+    for k, (s, n, lab) in enumerate(zip(sizes, new, labelled)):
         if isinstance(s, int) and s != -1:
             out.append(n)
         elif isinstance(s, fx.Node) and lab:
-            out.append(n)
+            out.append(-1 if minus_one else n)
         else:
             out.append(s)
     return out
 
 
-def _rewrite_size_args(rctx, node):
+def _rewrite_size_args(rctx, node, infer: bool = False):
     """Sizes passed as varargs (`x.view(a, b)`), as one sequence (`x.view((a, b))`,
-    `torch.reshape(x, shape)`), or as keyword `shape`/`size`."""
+    `torch.reshape(x, shape)`), or as keyword `shape`/`size`. `infer`: see `_fix_sizes`."""
     new, labelled = rctx.new_shape(node), _labelled(rctx, node)
     sizes = node.args[1:]
     if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        node.args = (node.args[0], type(sizes[0])(_fix_sizes(sizes[0], new, labelled)))
+        node.args = (node.args[0], type(sizes[0])(_fix_sizes(sizes[0], new, labelled, infer)))
     elif sizes:
-        node.args = (node.args[0], *_fix_sizes(sizes, new, labelled))
+        node.args = (node.args[0], *_fix_sizes(sizes, new, labelled, infer))
     else:
         for key in ("shape", "size"):
             if key in node.kwargs:
-                node.kwargs = {**node.kwargs, key: tuple(_fix_sizes(node.kwargs[key], new, labelled))}
+                node.kwargs = {**node.kwargs, key: tuple(_fix_sizes(node.kwargs[key], new, labelled, infer))}
 
 
 def _permute(ctx, node):
