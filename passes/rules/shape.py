@@ -9,6 +9,7 @@ explicit `torch.split` with the pruned section sizes.
 
 from __future__ import annotations
 
+import operator
 import re
 
 import numpy as np
@@ -71,46 +72,75 @@ def _reshape_rewrite(rctx, node):
         dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
         dim = dim % len(new)
         k = slice(dim, dim + len(sizes))
-        set_arg(node, 2, "sizes", tuple(_fix_sizes(sizes, new[k], labelled[k], infer=True)))
+        set_arg(node, 2, "sizes", tuple(_fix_sizes(sizes, new[k], labelled[k], infer=True,
+                                                   old=tuple(node.meta["tensor_meta"].shape)[k],
+                                                   changes=_changes(rctx), scale=_scaled(node))))
 
 
 def _labelled(rctx, node):
     return [a.any() for a in rctx.labels_of(node)]
 
 
-def _fix_sizes(sizes, new, labelled, infer: bool = False):
-    """Literal sizes become the pruned sizes; so does a computed size on a channel dim (it may
-    come from another tensor, e.g. `out.reshape(B, N, x.shape[-1])`: the plan decides it).
-    With `infer` (view, reshape, unflatten), a computed size on a channel dim becomes -1 when it
-    is the only one and no size is -1 already: the computed size can hold the batch size too
-    (timm's MobileViT reshapes to `B * C * num_patch_h`), which a literal would fix at the
-    example's batch, while the inferred size is whatever the tensor holds."""
+def _fix_sizes(sizes, new, labelled, infer: bool = False, old=None, changes=lambda s: True, scale=None):
+    """Literal sizes become the pruned sizes. A computed size on a channel dim is replaced
+    unless the dim keeps its size (`old`) and the computed value does not change either:
+    - with `infer` (view, reshape, unflatten), by -1 when it is the only one replaced and no
+      size is -1 already (the size can hold the batch too: timm's MobileViT reshapes to
+      `B * C * num_patch_h`, which a literal fixes at the example's batch);
+    - else, when its value does not count removed channels (`changes`: it is `B * num_heads`,
+      timm's HaloNet, with a head removed), by `scale(s, new, old)`: s * new // old, computed
+      in the graph, so the batch stays free;
+    - else by the planned literal (a width read from another tensor: MaxViT reshapes attention
+      output to the input's width)."""
+    old = new if old is None else old
+    replace = [isinstance(s, fx.Node) and lab and (n != o or changes(s))
+               for s, n, o, lab in zip(sizes, new, old, labelled)]
+    minus_one = infer and sum(replace) == 1 and not any(isinstance(s, int) and s == -1 for s in sizes)
     out = []
-    computed = [k for k, (s, lab) in enumerate(zip(sizes, labelled)) if isinstance(s, fx.Node) and lab]
-    minus_one = infer and len(computed) == 1 and not any(isinstance(s, int) and s == -1 for s in sizes)
-    for k, (s, n, lab) in enumerate(zip(sizes, new, labelled)):
+    for s, n, o, r in zip(sizes, new, old, replace):
         if isinstance(s, int) and s != -1:
             out.append(n)
-        elif isinstance(s, fx.Node) and lab:
-            out.append(-1 if minus_one else n)
-        else:
+        elif not r:
             out.append(s)
+        elif minus_one:
+            out.append(-1)
+        elif scale is not None and not changes(s) and o:
+            out.append(scale(s, n, o))
+        else:
+            out.append(n)
     return out
+
+
+def _changes(rctx):
+    """Whether a computed size's value changes with the pruning: it counts removed channels."""
+    def changes(s) -> bool:
+        v = rctx.cg.values.get(s.name)
+        return isinstance(v, SizeVal) and bool(rctx.removed[v.atoms].any())
+    return changes
+
+
+def _scaled(node):
+    """s * new // old as graph nodes before `node`."""
+    def scale(s, n, o):
+        with node.graph.inserting_before(node):
+            return node.graph.call_function(operator.floordiv, (node.graph.call_function(operator.mul, (s, n)), o))
+    return scale
 
 
 def _rewrite_size_args(rctx, node, infer: bool = False):
     """Sizes passed as varargs (`x.view(a, b)`), as one sequence (`x.view((a, b))`,
     `torch.reshape(x, shape)`), or as keyword `shape`/`size`. `infer`: see `_fix_sizes`."""
     new, labelled = rctx.new_shape(node), _labelled(rctx, node)
+    fix = dict(infer=infer, old=tuple(node.meta["tensor_meta"].shape), changes=_changes(rctx), scale=_scaled(node))
     sizes = node.args[1:]
     if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        node.args = (node.args[0], type(sizes[0])(_fix_sizes(sizes[0], new, labelled, infer)))
+        node.args = (node.args[0], type(sizes[0])(_fix_sizes(sizes[0], new, labelled, **fix)))
     elif sizes:
-        node.args = (node.args[0], *_fix_sizes(sizes, new, labelled, infer))
+        node.args = (node.args[0], *_fix_sizes(sizes, new, labelled, **fix))
     else:
         for key in ("shape", "size"):
             if key in node.kwargs:
-                node.kwargs = {**node.kwargs, key: tuple(_fix_sizes(node.kwargs[key], new, labelled, infer))}
+                node.kwargs = {**node.kwargs, key: tuple(_fix_sizes(node.kwargs[key], new, labelled, **fix))}
 
 
 def _permute(ctx, node):
