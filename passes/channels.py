@@ -49,6 +49,19 @@ class Reduction:
 
 
 @dataclass
+class SplitChoice:
+    """A view that split a channel dim with no structure to follow: the part that kept the
+    labels (see `passes.labels.split`) and the channels split (afterwards all in that part's
+    classes)."""
+
+    node: str
+    first: int  # the split's first output dim
+    sizes: tuple
+    part: int
+    atoms: np.ndarray
+
+
+@dataclass
 class PinRecord:
     atoms: np.ndarray
     reason: str
@@ -58,8 +71,10 @@ class PinRecord:
 class Ctx:
     """What a rule sees: labels of values, the module table, and the ways to relate atoms."""
 
-    def __init__(self, traced: Traced):
+    def __init__(self, traced: Traced, split_parts: dict | None = None):
         self.gm = traced.gm
+        self.split_parts = split_parts or {}  # (node, first dim) -> (sizes, part): moved splits
+        self.splits: list[SplitChoice] = []
         self.uf = L.UnionFind()
         self.values: dict[str, Any] = {}
         self.pins: list[PinRecord] = []
@@ -88,6 +103,15 @@ class Ctx:
 
     def unify(self, a: np.ndarray, b: np.ndarray, reason: str | None = None) -> None:
         L.unify(self.uf, self.pin, a, b, reason or self.why("meets a non-channel dim"))
+
+    def choose_split(self, first: int, sizes, part: int, atoms: np.ndarray) -> int:
+        """The part of a view's split that keeps the labels: `part` (the largest), or the one
+        a previous analysis moved it to; recorded either way."""
+        moved = self.split_parts.get((self.node.name, first))
+        if moved is not None and moved[0] == tuple(sizes):
+            part = moved[1]
+        self.splits.append(SplitChoice(self.node.name, first, tuple(sizes), part, atoms.copy()))
+        return part
 
     def why(self, what: str) -> "Why":
         """The reason `what` at the current node; its text is made only if a pin records it."""
@@ -265,6 +289,7 @@ class ChannelGraph:
     group_of: np.ndarray = None  # per root: its group id, -1 if not a unit
     pinned_roots: np.ndarray = None
     pin_reason: dict = None  # root -> PinRecord
+    splits: list = field(default_factory=list)  # SplitChoice per unstructured split of a view
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -309,9 +334,55 @@ class ChannelGraph:
 
 
 def analyze_graph(traced: Traced) -> ChannelGraph:
+    """Analyse the traced graph. A view that splits a channel dim with no structure to follow
+    keeps the labels on its largest part (`passes.labels.split`): `view(B, N, heads, 64)` prunes
+    head width. When every channel of such a split ends up pinned (rotary position embeddings
+    pair positions within a head and multiply them by per-position tables), the analysis runs
+    again with the labels on the next largest part (the heads: whole heads are removed) and the
+    run with more removable parameter rows and columns is kept; at most 3 rounds."""
+    cg = _analyze(traced, {})
+    moved: dict = {}
+    for _ in range(3):
+        more = _pinned_splits(cg, moved)
+        if not more:
+            break
+        other = _analyze(traced, {**moved, **more})
+        if _removable(other) <= _removable(cg):
+            break
+        cg, moved = other, {**moved, **more}
+    return cg
+
+
+def _pinned_splits(cg: ChannelGraph, moved: dict) -> dict:
+    """(node, first dim) -> (sizes, next largest part) for the splits whose channels are all
+    pinned and that have not been moved yet."""
+    pinned = np.zeros(cg.uf.size, dtype=bool)
+    pinned[cg.pinned_roots] = True
+    out = {}
+    for s in cg.splits:
+        key = (s.node, s.first)
+        atoms = s.atoms[s.atoms != 0]
+        others = [i for i, n in enumerate(s.sizes) if n > 1 and i != s.part]
+        if key in moved or key in out or not atoms.size or not others or not pinned[cg.roots[atoms]].all():
+            continue
+        out[key] = (s.sizes, max(others, key=lambda i: (s.sizes[i], i)))
+    return out
+
+
+def _removable(cg: ChannelGraph) -> int:
+    """Parameter rows and columns (positions of labelled parameter dims) in removable units."""
+    arrays = cg.param_segments.arrays
+    if not arrays or not len(cg.units):
+        return 0
+    unit = np.zeros(cg.uf.size, dtype=bool)
+    unit[cg.units] = True
+    return int(unit[cg.roots[np.concatenate(arrays)]].sum())
+
+
+def _analyze(traced: Traced, split_parts: dict) -> ChannelGraph:
     from .rules import rule_for  # the table; imported here to keep labels/channels rule-free
 
-    ctx = Ctx(traced)
+    ctx = Ctx(traced, split_parts)
     sized: set[fx.Node] = set()  # nodes whose value holds a channel count (a SizeVal)
     for node in traced.gm.graph.nodes:
         ctx.node = node
@@ -369,6 +440,7 @@ def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
     uf = ctx.uf
     roots = uf.roots()
     cg = ChannelGraph(traced, uf, ctx.values, ctx.param_labels, ctx.passive, ctx.pins, ctx.reductions)
+    cg.splits = ctx.splits
     cg.roots = roots
     pinned = np.zeros(uf.size, dtype=bool)
     cg.pin_reason = {}

@@ -14,6 +14,8 @@ classes already vary (this inverts an earlier flatten exactly); when there is no
 labels on the largest part and unifies across the others (e.g. view(B, N, 12, 64): position d
 of every head becomes one unit, i.e. head-width pruning; channel shuffle's (2, C/2) split:
 channel i of both halves become one unit). Both choices keep every tensor rectangular.
+`passes.channels.analyze_graph` may move a split's labels to another part (`choose`): when all
+of its channels end up pinned, e.g. head width under rotary embeddings, whole heads are pruned.
 """
 
 from __future__ import annotations
@@ -166,10 +168,12 @@ def merge(pin: PinFn, parts: Sequence[np.ndarray], reason: str) -> np.ndarray:
 
 
 def split(uf: UnionFind, arr: np.ndarray, sizes: Sequence[int], prefer: Sequence[int] = (),
-          force: int | None = None) -> list[np.ndarray]:
+          force: int | None = None, choose: Callable | None = None) -> list[np.ndarray]:
     """Unflatten one dim into `sizes`; see the module docstring for which part keeps labels.
     `prefer`: parts to choose first when none is already structured (sizes computed at run
-    time, which the rewrite re-plans); `force`: always this part (channel shuffle)."""
+    time, which the rewrite re-plans); `force`: always this part (channel shuffle);
+    `choose(sizes, k, arr)`: told the part k chosen when none is structured, returns the part
+    to use (`passes.channels` moves the labels of a split whose channels all end up pinned)."""
     sizes = [int(s) for s in sizes]
     if len(sizes) == 1:
         return [arr]
@@ -187,6 +191,8 @@ def split(uf: UnionFind, arr: np.ndarray, sizes: Sequence[int], prefer: Sequence
             return out
     cands = [i for i in prefer if sizes[i] > 1] or range(len(sizes))
     k = force if force is not None else max(cands, key=lambda i: (sizes[i], -i))
+    if choose is not None and force is None:
+        k = choose(sizes, k, arr)
     moved = np.moveaxis(grid, k, 0).reshape(sizes[k], -1)
     for col in range(1, moved.shape[1]):
         uf.union(moved[:, 0], moved[:, col])
@@ -201,9 +207,12 @@ def _first_along(a: np.ndarray, k: int) -> np.ndarray:
 
 
 def reshape(uf: UnionFind, pin: PinFn, labels: Labels, in_shape: Sequence[int],
-            out_shape: Sequence[int], reason: str, computed: Sequence[int] = ()) -> Labels:
+            out_shape: Sequence[int], reason: str, computed: Sequence[int] = (),
+            choose: Callable | None = None) -> Labels:
     """Labels of `x.view(out_shape)` given the labels of x (shapes fully known, no -1).
-    `computed`: output dims whose size the code computes at run time (see `split`)."""
+    `computed`: output dims whose size the code computes at run time; `choose(first, sizes, k, arr)`:
+    the part of a split that keeps the labels, for the split producing output dims from
+    `first` on (see `split`)."""
     in_shape, out_shape = [int(s) for s in in_shape], [int(s) for s in out_shape]
     out: list[np.ndarray] = []
     i = j = 0
@@ -227,6 +236,8 @@ def reshape(uf: UnionFind, pin: PinFn, labels: Labels, in_shape: Sequence[int],
             else:
                 gj.append(j); pj *= out_shape[j]; j += 1
         flat = merge(pin, [labels[k] for k in gi], reason)
+        first = gj[0]
         out.extend(split(uf, flat, [out_shape[k] for k in gj],
-                         prefer=[n for n, k in enumerate(gj) if k in computed]))
+                         prefer=[n for n, k in enumerate(gj) if k in computed],
+                         choose=None if choose is None else (lambda sizes, k, arr, f=first: choose(f, sizes, k, arr))))
     return tuple(out)

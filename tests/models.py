@@ -271,6 +271,49 @@ class SdpaAttention(nn.Module):
         return self.head(self.o(y).mean(1))
 
 
+class RotaryAttention(nn.Module):
+    """EVA-style attention: rotary position embedding on q and k (adjacent pairs of each head
+    rotated, per-position tables), a literal head count, the width read back from the input."""
+
+    def __init__(self, dim=32, heads=4, n=10):
+        super().__init__()
+        self.embed = nn.Linear(6, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 5)
+        angle = torch.arange(n)[:, None] * torch.linspace(0.1, 1.0, dim // heads // 2).repeat_interleave(2)
+        self.register_buffer("cos", angle.cos())  # [n, head width]
+        self.register_buffer("sin", angle.sin())
+
+    @staticmethod
+    def rotate(x):
+        return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+    def forward(self, x):  # x: [B, n, 6]
+        x = self.embed(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, 4, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q * self.cos + self.rotate(q) * self.sin
+        k = k * self.cos + self.rotate(k) * self.sin
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.head((x + self.proj(y)).mean(1))
+
+
+class NormalizeRoll(nn.Module):
+    """F.normalize over channels, torch.roll over space (shifted windows) and over channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = cbr(3, 16), cbr(3, 8)
+        self.b = nn.Conv2d(16, 8, 3, padding=1)
+        self.out = nn.Conv2d(16, 6, 1)
+
+    def forward(self, x):
+        a = torch.roll(F.normalize(self.a(x), dim=1), (1, -2), (2, 3))
+        c = self.c(x).roll(1, 1)  # along the channels: pinned
+        return self.out(torch.cat([self.b(a), c], 1)).mean((2, 3))
+
+
 class MHA(nn.Module):
     def __init__(self, dim=32, heads=4, batch_first=True):
         super().__init__()
@@ -454,6 +497,8 @@ STRUCTURES = {
     "loose_params": (LooseParams, image),
     "hand_attention": (HandAttention, lambda: torch.randn(2, 10, 6)),
     "sdpa_attention": (SdpaAttention, lambda: torch.randn(2, 10, 6)),
+    "rotary_attention": (RotaryAttention, lambda: torch.randn(2, 10, 6)),
+    "normalize_roll": (NormalizeRoll, image),
     "mha_batch_first": (MHA, lambda: torch.randn(2, 10, 6)),
     "mha_seq_first": (lambda: MHA(batch_first=False), lambda: torch.randn(2, 10, 6)),
     "transformer_encoder": (Transformer, lambda: torch.randn(2, 10, 6)),

@@ -185,6 +185,32 @@ def test_attention_head_width_rewritten_in_graph():
     assert f"reshape(getitem, getitem_1, 3, 4, {width // 4})" in r.model.code
 
 
+def test_rotary_attention_prunes_whole_heads():
+    """Rotary embeddings pin head width (pairs rotated, per-position tables): every channel of
+    the head split is pinned, so the analysis moves the split's labels to the heads."""
+    model, x = _build("rotary_attention")
+    r = passes.prune(model, x, ratio=0.5)
+    assert r.model.qkv.out_features == 3 * 2 * 8  # 2 of 4 heads, each 8 wide
+    assert r.model.proj.in_features == 16
+    assert "reshape(getitem, getitem_1, 3, 2, -1)" in r.model.code
+    assert r.report.verify.ok and r.report.verify.exact, r.report.verify.message
+    x3 = torch.randn(3, 10, 6)
+    v = passes.verify(model, r, x3)
+    assert v.ok and v.exact and v.max_rel_error <= 1e-4
+    moved = [s for s in r.graph.splits if s.sizes == (3, 4, 8)]
+    assert [s.part for s in moved] == [1]  # the heads, not the largest part (width 8)
+
+
+def test_normalize_and_roll_rules():
+    model, x = _build("normalize_roll")
+    r = passes.prune(model, x, ratio=0.5)
+    assert r.model.get_submodule("a.0").out_channels == 8  # through normalize and a spatial roll
+    assert r.model.get_submodule("c.0").out_channels == 8  # rolled along its channels: pinned
+    assert any("roll along a channel dim" in p.reason for p in r.report.pinned)
+    assert not any("no rule" in p.reason for p in r.report.pinned)
+    assert r.report.verify.ok and r.report.verify.exact, r.report.verify.message
+
+
 def test_multihead_attention_replaced_with_consistent_module():
     model, x = _build("mha_batch_first")
     r = passes.prune(model, x, ratio=0.5)

@@ -1,4 +1,4 @@
-"""Contractions and reductions: matmul, einsum, sum/mean/amax, softmax.
+"""Contractions and reductions: matmul, einsum, sum/mean/amax, softmax, F.normalize.
 
 Contracted dims are the same channel on both sides (unified) and are recorded as a "sum"
 reduction: masked equivalence holds there once removed positions are zero. A mean, max or
@@ -88,7 +88,20 @@ def _softmax(ctx, node):
     return x
 
 
+def _normalize(ctx, node):
+    """F.normalize(x, p, dim): x over its p-norm along dim. For p > 0 (inf included) zeroed
+    positions add nothing to the norm: a "sum" reduction, exact under masked equivalence."""
+    x = ctx.labels(arg(node, 0, "input"))
+    p, dim = arg(node, 1, "p", 2.0), arg(node, 2, "dim", 1)
+    if (not isinstance(x, tuple) or type(dim) is not int or not -len(x) <= dim < len(x)
+            or type(p) not in (int, float) or not p > 0):
+        return UNKNOWN.labels(ctx, node)
+    ctx.reduce(0, (dim,), "sum", x)
+    return x
+
+
 MATMUL = Rule(_matmul)
+NORMALIZE = Rule(_normalize)
 EINSUM = Rule(_einsum)
 MEAN = Rule(_reduction("mean"))
 SUM = Rule(_reduction("sum"))

@@ -33,7 +33,8 @@ def _out_shape(node):
 def _reshape(ctx, node):
     x = _x(ctx, node)
     out = L.reshape(ctx.uf, ctx.pin, x, [len(a) for a in x], _out_shape(node),
-                    ctx.why("a view merges two channel dims"), computed=_computed_dims(node))
+                    ctx.why("a view merges two channel dims"), computed=_computed_dims(node),
+                    choose=ctx.choose_split)
     for k, s in enumerate(_size_args(node)):  # e.g. view(b, 16, c // 16, h, w) where the labels
         v = ctx.labels(s)                     # went to the 16: c // 16 would change with c
         if isinstance(v, SizeVal) and k < len(out) and not out[k].any():
@@ -476,6 +477,21 @@ def _pad(ctx, node):
     return tuple(out)
 
 
+def _roll(ctx, node):
+    """torch.roll along given dims: labels stay; a rolled channel dim is pinned (removing a
+    channel would move the others). Without dims it rolls the flattened tensor: unknown."""
+    x = _x(ctx, node)
+    dims = arg(node, 2, "dims")
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not isinstance(x, tuple) or not isinstance(dims, (tuple, list)) or not dims \
+            or not all(type(d) is int and -len(x) <= d < len(x) for d in dims):
+        return UNKNOWN.labels(ctx, node)
+    for d in dims:
+        ctx.pin(x[d], ctx.why("roll along a channel dim"))
+    return x
+
+
 def _channel_shuffle(ctx, node):
     x = _x(ctx, node)
     g = ctx.module(node).groups
@@ -505,4 +521,5 @@ FULL = Rule(_full, shape_args=True)
 KEEP_LEADING = Rule(_keep_leading, shape_args=True)
 TILE_LAST = Rule(_tile_last)
 PAD = Rule(_pad)
+ROLL = Rule(_roll)
 CHANNEL_SHUFFLE = Rule(_channel_shuffle)
