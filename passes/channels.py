@@ -110,7 +110,7 @@ class Ctx:
         moved = self.split_parts.get((self.node.name, first))
         if moved is not None and moved[0] == tuple(sizes):
             part = moved[1]
-        self.splits.append(SplitChoice(self.node.name, first, tuple(sizes), part, atoms.copy()))
+        self.splits.append(SplitChoice(self.node.name, first, tuple(sizes), part, atoms))  # a fresh merge
         return part
 
     def why(self, what: str) -> "Why":
@@ -356,6 +356,8 @@ def analyze_graph(traced: Traced) -> ChannelGraph:
 def _pinned_splits(cg: ChannelGraph, moved: dict) -> dict:
     """(node, first dim) -> (sizes, next largest part) for the splits whose channels are all
     pinned and that have not been moved yet."""
+    if not cg.splits:
+        return {}
     pinned = np.zeros(cg.uf.size, dtype=bool)
     pinned[cg.pinned_roots] = True
     out = {}
@@ -371,12 +373,9 @@ def _pinned_splits(cg: ChannelGraph, moved: dict) -> dict:
 
 def _removable(cg: ChannelGraph) -> int:
     """Parameter rows and columns (positions of labelled parameter dims) in removable units."""
-    arrays = cg.param_segments.arrays
-    if not arrays or not len(cg.units):
-        return 0
     unit = np.zeros(cg.uf.size, dtype=bool)
     unit[cg.units] = True
-    return int(unit[cg.roots[np.concatenate(arrays)]].sum())
+    return int(unit[cg.roots[cg.param_segments.atoms]].sum())
 
 
 def _analyze(traced: Traced, split_parts: dict) -> ChannelGraph:
