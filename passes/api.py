@@ -62,7 +62,7 @@ class Report:
 
 @dataclass
 class PruneResult:
-    model: torch.fx.GraphModule
+    model: torch.nn.Module  # the traced model itself, or a GraphModule (see `rewrite.follows`)
     plan: Plan
     report: Report
     graph: ChannelGraph = field(repr=False)
@@ -96,10 +96,11 @@ def _check_args(ratio, round_to, max_ratio, ratios):
         raise InputError(f"round_to must be a positive integer or None, got {round_to!r}")
 
 
-def _module_names(model: torch.nn.Module, items, what: str) -> list[str]:
+def _module_names(model: torch.nn.Module, items, what: str, named: dict | None = None) -> list[str]:
+    """Qualified names of `items` (modules or names); `named`: the model's dict(named_modules())."""
     if isinstance(items, (list, tuple, dict)) and not items:
         return []
-    by_id = {id(m): n for n, m in model.named_modules()}
+    by_id = {id(m): n for n, m in (model.named_modules() if named is None else named.items())}
     names = set(by_id.values())
     if isinstance(items, (str, torch.nn.Module)):
         items = [items]
@@ -173,11 +174,12 @@ def prune(model: torch.nn.Module, example_inputs, *, ratio: float = 0.5, importa
     _check_args(ratio, round_to, max_ratio, ratios)
     check_model(model)
     inputs = as_inputs(example_inputs)
-    ignored = _module_names(model, ignored_layers, "ignored_layers")
-    per_module = dict(zip(_module_names(model, list((ratios or {}).keys()), "ratios"), (ratios or {}).values()))
+    named = dict(model.named_modules()) if inplace else None  # in place, the trace reads it too
+    ignored = _module_names(model, ignored_layers, "ignored_layers", named)
+    per_module = dict(zip(_module_names(model, list((ratios or {}).keys()), "ratios", named), (ratios or {}).values()))
     reference = _copy(model) if (inplace and verify) else model
     work = model if inplace else _copy(model)
-    cg = analyze_graph(trace(work, inputs))
+    cg = analyze_graph(trace(work, inputs, named))
     score = imp.scores(cg, importance, seed)
     frozen = np.zeros(cg.uf.size, dtype=bool)
     for roots in _producer_roots(cg, ignored).values():
@@ -277,11 +279,13 @@ def _become(caller: torch.nn.Module, gm: torch.fx.GraphModule) -> torch.fx.Graph
 
 
 def _finish(reference, cg, removed, plan, inputs, caller_model, verify, atol, rtol) -> PruneResult:
-    """Rewrite, count, verify. `caller_model` is set when in place: its tensors are sliced too."""
+    """Rewrite, count, verify. `caller_model` is set when in place. The traced model (the
+    caller's or a copy) has its tensors sliced too: it is the pruned model when its own forward
+    needs no change (`rewrite.follows`); else the caller's object becomes the GraphModule."""
     params0, macs0 = sum(p.numel() for p in cg.traced.params.values()), cg.traced.macs
     widths0 = _widths(cg.traced.modules.items())
-    new, macs1, modules = rewrite.apply(cg, removed, also=[caller_model] if caller_model is not None else [])
-    if caller_model is not None:
+    new, macs1, modules = rewrite.apply(cg, removed, also=[cg.traced.model])
+    if caller_model is not None and new is not caller_model:
         new = cg.traced.gm = modules[""] = _become(caller_model, new)
     params1 = count_params(new)
     widths1 = _widths(modules.items())

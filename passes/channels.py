@@ -405,6 +405,8 @@ def _analyze(traced: Traced, split_parts: dict) -> ChannelGraph:
 def _holds_size(v: Any) -> bool:
     if isinstance(v, SizeVal):
         return True
+    if type(v) is tuple and v and type(v[0]) is np.ndarray:  # a tensor's labels (arrays only)
+        return False
     if isinstance(v, (list, tuple)):
         return any(_holds_size(x) for x in v)
     if isinstance(v, dict):

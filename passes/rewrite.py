@@ -4,14 +4,16 @@
    class is removed, in every dimension. Tied tensors stay tied.
 2. Each node's rule fixes what slicing alone does not (`Rule.rewrite`): literal sizes, module
    attributes, replaced modules.
-3. The GraphModule becomes a plain one (its Python code generated once, for the rewritten
-   graph) and runs once through the shape pass; every tensor node must have exactly the shape
-   the labels promise (kept positions per dim). A mismatch is a `RewriteError` that names the
-   node: a wrong model is never returned silently.
+3. The pruned model is the traced model itself when its own forward computes the rewritten
+   graph (no node changed, no module replaced, every parameter reached by the graph: `follows`),
+   else the GraphModule, made a plain one with Python code generated once for the rewritten
+   graph. The graph runs once through the shape pass; every tensor node must have exactly the
+   shape the labels promise (kept positions per dim). A mismatch is a `RewriteError` that names
+   the node: a wrong model is never returned silently.
 
-The GraphModule given is modified in place and returned; `passes.prune` hands it a trace of a
-deep copy of the model unless the caller asked for `inplace=True`. Afterwards the analysis's
-tables (`Traced.params`, `.buffers`, `.modules`) hold the pruned model's tensors and modules.
+The GraphModule and the traced model are modified in place; `passes.prune` traces a deep copy
+of the model unless the caller asked for `inplace=True`. Afterwards the analysis's tables
+(`Traced.params`, `.buffers`, `.modules`) hold the pruned model's tensors and modules.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class RewriteCtx:
         self.gm = cg.gm
         self.removed = removed_mask(cg, removed_roots)
         self.modules = dict(cg.traced.modules)  # a copy: modules replaced by rules go here
+        self.replaced = False
 
     def keep(self, arr: np.ndarray) -> np.ndarray:
         return ~self.removed[arr]
@@ -68,6 +71,7 @@ class RewriteCtx:
     def replace_module(self, target: str, new: torch.nn.Module) -> None:
         parent, _, leaf = target.rpartition(".")
         setattr(self.gm.get_submodule(parent) if parent else self.gm, leaf, new)
+        self.replaced = True
         for name in [n for n in self.modules if n.startswith(target + ".")]:  # the old one's children
             del self.modules[name]
         self.modules.update(new.named_modules(prefix=target))
@@ -113,7 +117,9 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, also: list[torch.nn.Mod
         new_by_old[id(old)] = new
     seen: set[int] = set()
     old_ids = new_by_old.keys()  # the old tensors are alive: an equal id is the same object
-    for modules in (cg.traced.modules.values(), *(root.modules() for root in also)):
+    named = cg.traced.named  # the traced model's modules, listed when it was traced
+    for modules in (cg.traced.modules.values(), *(named.values() if root is cg.traced.model and named else root.modules()
+                                                  for root in also)):
         for mod in modules:
             if id(mod) in seen:  # the GraphModule shares its submodules with the model it traced
                 continue
@@ -133,24 +139,59 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, also: list[torch.nn.Mod
 
 
 def apply(cg: ChannelGraph, removed_roots: np.ndarray, *,
-          also: list[torch.nn.Module] = ()) -> tuple[fx.GraphModule, int, dict[str, torch.nn.Module]]:
-    """Rewrite `cg.gm` in place; returns it, its MACs on the example inputs, and its modules
-    by qualified name (as its named_modules())."""
+          also: list[torch.nn.Module] = ()) -> tuple[torch.nn.Module, int, dict[str, torch.nn.Module]]:
+    """Rewrite `cg.gm` in place; returns the pruned model, its MACs on the example inputs, and
+    its modules by qualified name (as its named_modules()).
+
+    The pruned model is the traced model itself (`cg.traced.model`, its tensors sliced through
+    `also`) when its own forward runs it unchanged (`follows`); otherwise `cg.gm`, turned into
+    a plain GraphModule with code generated for the rewritten graph."""
     rctx = RewriteCtx(cg, removed_roots)
     new_by_old = slice_tensors(cg, rctx.removed, also)
+    code = _code(cg.gm.graph)
     for node in list(cg.gm.graph.nodes):
         rule = rule_for(node, rctx)
         if rule.rewrite is not None:
             rule.rewrite(rctx, node)
-    rctx.gm = _rebuilt(cg.gm)
+    model = cg.traced.model
+    new = model if model is not None and any(m is model for m in also) and follows(cg, rctx, code) \
+        else _rebuilt(cg.gm)
     macs = check_shapes(rctx, cg.traced.example_inputs)
-    # the analysis now describes the pruned model (its gm is that model): its tables hold the
+    # the analysis now describes the pruned model (its gm is that model's graph): its tables hold the
     # new tensors and modules, and nothing keeps the old, full-size ones alive
     traced = cg.traced
     traced.params = {n: new_by_old.get(id(t), t) for n, t in traced.params.items()}
     traced.buffers = {n: new_by_old.get(id(t), t) for n, t in traced.buffers.items()}
-    traced.modules = rctx.modules
-    return rctx.gm, macs, rctx.modules
+    traced.modules = rctx.modules if new is not model else traced.named  # no module replaced
+    return new, macs, traced.modules
+
+
+def _code(graph: fx.Graph) -> list:
+    """What the generated code of `graph` depends on, node by node."""
+    return [(n.op, n.target, n.args, n.kwargs) for n in graph.nodes]
+
+
+def follows(cg: ChannelGraph, rctx: RewriteCtx, code: list) -> bool:
+    """The traced model's own forward computes the rewritten graph: no rule changed a node
+    (a literal size, a head count, an op) or replaced a module, every attribute the graph reads
+    is the model's own (not a constant the tracer made), and the trace allows it
+    (`Traced.own_forward`: every parameter and buffer of the model is in the graph, so a branch
+    the trace did not take, such as an auxiliary head under `if self.training:`, reads none
+    left unpruned; no branch on shapes is checked at run time). Forward then differs from the
+    graph only in what the trace fixed and what stays true of the pruned model: the training
+    branches it did not take, and the module attributes its code reads, which the rules keep
+    consistent with the sliced tensors."""
+    if not cg.traced.own_forward or rctx.replaced or _code(cg.gm.graph) != code:
+        return False
+    model = cg.traced.model
+    for n in cg.gm.graph.nodes:
+        if n.op == "get_attr":
+            try:
+                if attr_at(model, n.target) is not attr_at(cg.gm, n.target):
+                    return False
+            except AttributeError:
+                return False
+    return True
 
 
 def _rebuilt(gm: fx.GraphModule) -> fx.GraphModule:
@@ -167,7 +208,7 @@ def _rebuilt(gm: fx.GraphModule) -> fx.GraphModule:
 
 def check_shapes(rctx: RewriteCtx, inputs: tuple) -> int:
     """Run the rewritten graph once; every node must have its promised shape. Returns MACs."""
-    gm = rctx.gm
+    gm = rctx.gm  # the graph: the pruned model is this GraphModule, or its own forward runs the graph
     try:
         macs = propagate_shapes(gm, inputs, modules=rctx.modules)
     except NodeFailure as e:

@@ -50,6 +50,14 @@ class Traced:
     # weights of the model's conv modules, by name: fx keeps a traced-through conv subclass (timm's
     # StdConv2d) as a plain Module holding the weight, so the module table cannot tell
     conv_weights: frozenset = frozenset()
+    # the traced model, and whether its own forward computes the graph, as long as no node of
+    # the graph changes: every parameter and buffer it holds is reached by the graph (no branch
+    # the trace did not take reads one), no value the trace fixed is checked at run time (a
+    # branch on shapes: the graph raises where forward would go another way), and no
+    # nn.Transformer* layer (traced through with its fused fast path off) is in it
+    model: torch.nn.Module | None = None
+    own_forward: bool = False
+    named: dict = field(default_factory=dict)  # the traced model's modules, as its named_modules()
 
 
 def as_inputs(example_inputs) -> tuple:
@@ -186,6 +194,7 @@ class _Tracer(fx.Tracer):
         self.open_transformers = open_transformers
         self.inputs = inputs  # example inputs: branches on shapes are taken as they go for these
         self._values: fx.Interpreter | None = None  # the graph built so far, run on the inputs
+        self.checks = 0  # run-time checks of values the trace fixed (`_check`)
 
     # -- branches on shapes ------------------------------------------------------------------
     # fx refuses a traced value in Python control flow (`if H != W:`, `int(n)`). With example
@@ -223,6 +232,7 @@ class _Tracer(fx.Tracer):
         return value
 
     def _check(self, obj: fx.Proxy, value) -> None:
+        self.checks += 1
         shapes = ", ".join(str(tuple(t.shape)) for t in self.inputs)
         msg = (f"passes traced this model on inputs of shapes {shapes}, where {_user_line()} was "
                f"{value!r}; for these inputs it is not, and the traced graph has only the branch taken then")
@@ -430,6 +440,7 @@ def _traceable_transformers():
 
 
 OPAQUE = "passes.opaque"  # GraphModule.meta key: {module class name: why fx could not trace it}
+CHECKS = "passes.checks"  # GraphModule.meta key: how many values the trace fixed checks at run time
 _MAX_OPAQUE = 16  # module classes made opaque before a trace failure is reported as it is
 
 
@@ -516,7 +527,10 @@ def _trace_with(tracer: fx.Tracer, model: torch.nn.Module, concrete: dict) -> fx
     GraphModule after the rewrite (`passes.rewrite.apply`), so code generated here was thrown
     away (about 6 ms of resnet50's 25 ms trace)."""
     graph = tracer.trace(model, concrete_args=concrete or None)
-    return graph_module(tracer.root, graph, type(model).__name__)
+    gm = graph_module(tracer.root, graph, type(model).__name__)
+    if getattr(tracer, "checks", 0):
+        gm.meta[CHECKS] = tracer.checks
+    return gm
 
 
 def graph_module(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
@@ -585,9 +599,10 @@ def _copy_attr(src: torch.nn.Module, dst: torch.nn.Module, target: str) -> None:
         setattr(dst, leaf, value)
 
 
-def trace(model: torch.nn.Module, example_inputs) -> Traced:
+def trace(model: torch.nn.Module, example_inputs, named: dict | None = None) -> Traced:
+    """`named`: the model's `dict(named_modules())`, when the caller has it."""
     inputs = as_inputs(example_inputs)
-    source = dict(model.named_modules())
+    source = dict(model.named_modules()) if named is None else named
     check_hooks(model, source)
     fixed = default_args(model, len(inputs))
     try:
@@ -618,7 +633,11 @@ def trace(model: torch.nn.Module, example_inputs) -> Traced:
     except NodeFailure as e:
         shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in inputs)
         raise InputError(f"the model does not run on example inputs [{shapes}]: {e}") from e.error
-    return Traced(gm, inputs, macs, modules, params, buffers, conv_weights)
+    reached = {id(t) for table in (params, buffers) for t in table.values()}
+    own = CHECKS not in gm.meta and not any(type(m) in _TRANSFORMERS for m in source.values()) and all(
+        t is None or id(t) in reached for m in source.values() for store in (m._parameters, m._buffers)
+        for t in store.values())
+    return Traced(gm, inputs, macs, modules, params, buffers, conv_weights, model, own, source)
 
 
 def _tensors(modules: dict[str, torch.nn.Module]) -> tuple[dict, dict]:

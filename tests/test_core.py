@@ -464,9 +464,9 @@ def test_a_submodule_fx_cannot_trace_is_kept_whole_and_pinned():
     r = passes.prune(model, x, ratio=0.5)
     assert r.report.verify.ok and r.report.verify.exact, r.report.verify.message
     # only the innermost failing class is opaque: its wrapper is traced (and its conv pruned)
-    opaque = r.model.meta["passes.opaque"]
+    opaque = r.graph.gm.meta["passes.opaque"]  # the trace (the pruned model keeps its class)
     assert list(opaque) == [f"{__name__}._ValueGate"] and "control flow" in opaque[f"{__name__}._ValueGate"]
-    assert {n.target for n in r.model.graph.nodes if n.op == "call_module" and n.target.endswith("gate")} == {"1.gate", "2.gate"}
+    assert {n.target for n in r.graph.gm.graph.nodes if n.op == "call_module" and n.target.endswith("gate")} == {"1.gate", "2.gate"}
     reasons = {p.reason for p in r.report.pinned}
     assert any(p.startswith("torch.fx cannot trace _ValueGate.forward (TraceError") for p in reasons), reasons
     widths = {l.name: (l.before, l.after) for l in r.report.layers}
@@ -504,7 +504,7 @@ def test_torch_factories_given_traced_sizes_and_counts():
     x = image()
     r = passes.prune(_Factories(count=False).eval(), x, ratio=0.5)
     assert r.report.verify.exact and r.report.units_removed > 0
-    assert any(n.target is torch.ones and isinstance(n.args[0], tuple) for n in r.model.graph.nodes)
+    assert any(n.target is torch.ones and isinstance(n.args[0], tuple) for n in r.graph.gm.graph.nodes)
     with torch.no_grad():  # the sizes stay symbolic: another batch and size run
         assert r.model(image(b=3, s=12)).shape == (3, 4, 12, 12)
     r = passes.prune(_Factories(count=True).eval(), x, ratio=0.5)
@@ -722,20 +722,32 @@ def test_pruned_model_round_trips_through_torch_save(name):
         assert torch.equal(a, b)
 
 
-def test_pruned_model_is_a_plain_graph_module():
-    """The trace is a lazy GraphModule (no code until used); the pruned model is a plain one,
-    with its code generated, its containers' training flags kept, and it copies and pickles."""
+class _Flat(nn.Module):
+    """Containers in mixed training modes, and a literal size the rewrite must change."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()),
+                                  nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU()))
+        self.fc = nn.Linear(8 * 12 * 12, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(x).view(-1, 8 * 12 * 12))
+
+
+def test_pruned_model_with_rewritten_code_is_a_plain_graph_module():
+    """The trace is a lazy GraphModule (no code until used); a pruned model whose graph the
+    rewrite changed is a plain one, with its code generated, its containers' training flags
+    kept, and it copies and pickles."""
     from torch.fx._lazy_graph_module import _LazyGraphModule
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()),
-                          nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU()), nn.Conv2d(8, 4, 1))
-    model.train()
-    model[1].eval()  # containers fx rebuilds, one in each mode
+    model = _Flat().train()
+    model.body[1].eval()  # containers fx rebuilds, one in each mode
     x = image()
     r = passes.prune(model, x, ratio=0.5)
     assert isinstance(r.model, torch.fx.GraphModule) and not isinstance(r.model, _LazyGraphModule)
-    assert "def forward" in r.model.code
+    assert r.model.fc.in_features < 8 * 12 * 12 and f"view(-1, {r.model.fc.in_features})" in r.model.code
     flags = {n: m.training for n, m in model.named_modules()}
     assert {n: m.training for n, m in r.model.named_modules() if n in flags} == \
         {n: f for n, f in flags.items() if n in dict(r.model.named_modules())}
@@ -746,6 +758,48 @@ def test_pruned_model_is_a_plain_graph_module():
     for other in (copy.deepcopy(r.model), torch.load(buf, weights_only=False)):
         assert type(other) is not type(r.model) and other.code == r.model.code
         assert torch.equal(other.eval()(x), r.model.eval()(x))
+
+
+class _TrainOnly(nn.Module):
+    """A branch under `if self.training:`, as a stochastic-depth or auxiliary-loss branch,
+    that the eval-mode trace does not take; with `aux`, it reads a head nothing else does
+    (torchvision's GoogLeNet and Inception v3)."""
+
+    def __init__(self, aux: bool):
+        super().__init__()
+        self.a, self.b = cbr(3, 8), cbr(8, 8)
+        self.head = nn.Conv2d(8, 4, 1)
+        self.aux = nn.Conv2d(8, 2, 1) if aux else None
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.training:
+            z = self.b(y) * 2.0
+            return (self.head(z), self.aux(y)) if self.aux is not None else self.head(z)
+        return self.head(self.b(y))
+
+
+def test_pruned_model_keeps_its_class_when_its_forward_needs_no_change():
+    """No node of the graph changed, no module was replaced, the graph reaches every parameter
+    and fixed no branch on shapes: the pruned model is the model's own object (in place) or copy,
+    whose forward (training-mode code included) runs on the pruned layers."""
+    torch.manual_seed(0)
+    x = image()
+    model = _TrainOnly(aux=False).eval()
+    r = passes.prune(model, x, ratio=0.5)
+    assert type(r.model) is _TrainOnly and r.model is not model and r.report.verify.exact
+    assert r.model.a[0].out_channels < 8 and model.a[0].out_channels == 8
+    assert r.model.train()(x).shape == (2, 4, 16, 16)  # the branch the trace did not take
+    assert {n for n, _ in r.model.named_parameters()} == set(r.graph.traced.params)
+    r2 = passes.prune(model, x, ratio=0.5, inplace=True)
+    assert r2.model is model and type(model) is _TrainOnly and model.a[0].out_channels < 8
+    # a head read only in training mode: it would see pruned channels, so the GraphModule
+    r = passes.prune(_TrainOnly(aux=True).eval(), x, ratio=0.5)
+    assert isinstance(r.model, torch.fx.GraphModule) and r.report.units_removed > 0
+    # a literal size the rewrite changed (MNIST's view(-1, 320)): the GraphModule
+    model = MnistNet().eval()
+    r = passes.prune(model, torch.randn(2, 1, 28, 28), ratio=0.5)
+    assert isinstance(r.model, torch.fx.GraphModule)
 
 
 class ValueDependent(nn.Module):
