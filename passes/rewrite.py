@@ -30,6 +30,7 @@ from .channels import ChannelGraph, attr_at, describe_target, map_meta
 from .errors import RewriteError
 from .plan import cut_dims, removed_mask
 from .rules import rule_for
+from .rules.layers import set_sizes
 from .trace import NodeFailure, propagate_shapes
 
 
@@ -156,6 +157,8 @@ def apply(cg: ChannelGraph, removed_roots: np.ndarray, *,
     model = cg.traced.model
     new = model if model is not None and any(m is model for m in also) and follows(cg, rctx, code) \
         else _rebuilt(cg.gm)
+    if new is model:
+        _set_sizes(cg, new_by_old)
     macs = check_shapes(rctx, cg.traced.example_inputs)
     # the analysis now describes the pruned model (its gm is that model's graph): its tables hold the
     # new tensors and modules, and nothing keeps the old, full-size ones alive
@@ -175,9 +178,9 @@ def follows(cg: ChannelGraph, rctx: RewriteCtx, code: list) -> bool:
     """The traced model's own forward computes the rewritten graph: no rule changed a node
     (a literal size, a head count, an op) or replaced a module, every attribute the graph reads
     is the model's own (not a constant the tracer made), and the trace allows it
-    (`Traced.own_forward`: every parameter and buffer of the model is in the graph, so a branch
-    the trace did not take, such as an auxiliary head under `if self.training:`, reads none
-    left unpruned; no branch on shapes is checked at run time). Forward then differs from the
+    (`Traced.own_forward`: every parameter and buffer of the model with more than one element
+    is in the graph, so a branch the trace did not take, such as an auxiliary head under
+    `if self.training:`, reads none left unpruned; no branch on shapes is checked at run time). Forward then differs from the
     graph only in what the trace fixed and what stays true of the pruned model: the training
     branches it did not take, and the module attributes its code reads, which the rules keep
     consistent with the sliced tensors."""
@@ -192,6 +195,16 @@ def follows(cg: ChannelGraph, rctx: RewriteCtx, code: list) -> bool:
             except AttributeError:
                 return False
     return True
+
+
+def _set_sizes(cg: ChannelGraph, new_by_old: dict) -> None:
+    """The kept model's layers that the graph does not call as modules (fx traced through their
+    forward) but whose tensors were sliced take size attributes that match them."""
+    leaves = {n.target for n in cg.gm.graph.nodes if n.op == "call_module"}
+    sliced = {id(t) for t in new_by_old.values()}
+    for name, m in cg.traced.named.items():
+        if name not in leaves and not sliced.isdisjoint(map(id, [*m._parameters.values(), *m._buffers.values()])):
+            set_sizes(m)
 
 
 def _rebuilt(gm: fx.GraphModule) -> fx.GraphModule:

@@ -52,7 +52,9 @@ class Traced:
     conv_weights: frozenset = frozenset()
     # the traced model, and whether its own forward computes the graph, as long as no node of
     # the graph changes: every parameter and buffer it holds is reached by the graph (no branch
-    # the trace did not take reads one), no value the trace fixed is checked at run time (a
+    # the trace did not take reads one; a single number, such as the num_batches_tracked a
+    # traced-through BatchNorm subclass counts in training, has nothing to prune and does not
+    # count), no value the trace fixed is checked at run time (a
     # branch on shapes: the graph raises where forward would go another way), and no
     # nn.Transformer* layer (traced through with its fused fast path off) is in it
     model: torch.nn.Module | None = None
@@ -635,8 +637,8 @@ def trace(model: torch.nn.Module, example_inputs, named: dict | None = None) -> 
         raise InputError(f"the model does not run on example inputs [{shapes}]: {e}") from e.error
     reached = {id(t) for table in (params, buffers) for t in table.values()}
     own = CHECKS not in gm.meta and not any(type(m) in _TRANSFORMERS for m in source.values()) and all(
-        t is None or id(t) in reached for m in source.values() for store in (m._parameters, m._buffers)
-        for t in store.values())
+        t is None or id(t) in reached or t.numel() <= 1 for m in source.values()
+        for store in (m._parameters, m._buffers) for t in store.values())
     return Traced(gm, inputs, macs, modules, params, buffers, conv_weights, model, own, source)
 
 

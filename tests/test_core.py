@@ -779,6 +779,18 @@ class _TrainOnly(nn.Module):
         return self.head(self.b(y))
 
 
+class _TracedConv(nn.Conv2d):
+    """Not a torch.nn class: fx traces through it (to F.conv2d)."""
+
+
+class _TracedBN(nn.BatchNorm2d):
+    """Not a torch.nn class: fx traces through it. Its input check is left out (a branch on
+    the input's rank), as in timm's BatchNormAct2d."""
+
+    def _check_input_dim(self, input):
+        pass
+
+
 def test_pruned_model_keeps_its_class_when_its_forward_needs_no_change():
     """No node of the graph changed, no module was replaced, the graph reaches every parameter
     and fixed no branch on shapes: the pruned model is the model's own object (in place) or copy,
@@ -793,6 +805,16 @@ def test_pruned_model_keeps_its_class_when_its_forward_needs_no_change():
     assert {n for n, _ in r.model.named_parameters()} == set(r.graph.traced.params)
     r2 = passes.prune(model, x, ratio=0.5, inplace=True)
     assert r2.model is model and type(model) is _TrainOnly and model.a[0].out_channels < 8
+    # layer subclasses are traced through (timm's StdConv2d, BatchNormAct2d): their size
+    # attributes are set from the sliced tensors; eval mode never reads the BatchNorm's
+    # num_batches_tracked, a single number with nothing to prune
+    model = _TrainOnly(aux=False).eval()
+    model.b[0], model.b[1] = _TracedConv(8, 8, 3, padding=1, bias=False), _TracedBN(8).eval()
+    r = passes.prune(model, x, ratio=0.5)
+    assert "b.1.num_batches_tracked" not in r.graph.traced.buffers and r.report.verify.exact
+    conv, bn = r.model.b[0], r.model.b[1]
+    assert type(r.model) is _TrainOnly and (conv.out_channels, conv.in_channels) == tuple(conv.weight.shape[:2])
+    assert bn.num_features == len(bn.weight) == conv.out_channels < 8
     # a head read only in training mode: it would see pruned channels, so the GraphModule
     r = passes.prune(_TrainOnly(aux=True).eval(), x, ratio=0.5)
     assert isinstance(r.model, torch.fx.GraphModule) and r.report.units_removed > 0

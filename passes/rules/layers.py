@@ -87,7 +87,10 @@ def _conv(ctx, node):
 
 
 def _conv_rewrite(rctx, node):
-    m = rctx.module(node)
+    _conv_sizes(rctx.module(node))
+
+
+def _conv_sizes(m):
     w = m.weight
     if m.groups > 1 and m.in_channels // m.groups == 1:
         m.groups = w.shape[0] // (m.out_channels // m.groups)
@@ -123,7 +126,10 @@ def _conv_t(ctx, node):
 
 
 def _conv_t_rewrite(rctx, node):
-    m = rctx.module(node)
+    _conv_t_sizes(rctx.module(node))
+
+
+def _conv_t_sizes(m):
     m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
 
 
@@ -141,7 +147,10 @@ def _linear(ctx, node):
 
 
 def _linear_rewrite(rctx, node):
-    m = rctx.module(node)
+    _linear_sizes(rctx.module(node))
+
+
+def _linear_sizes(m):
     m.out_features, m.in_features = m.weight.shape
 
 
@@ -167,7 +176,10 @@ def _embedding(ctx, node):
 
 
 def _embedding_rewrite(rctx, node):
-    m = rctx.module(node)
+    _embedding_sizes(rctx.module(node))
+
+
+def _embedding_sizes(m):
     m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
@@ -319,8 +331,40 @@ def _prelu(ctx, node):
 
 
 def _prelu_rewrite(rctx, node):
-    m = rctx.module(node)
+    _prelu_sizes(rctx.module(node))
+
+
+def _prelu_sizes(m):
     m.num_parameters = m.weight.numel()
+
+
+def _norm_sizes(m):
+    """A traced-through norm layer: its channel count from its per-channel tensors (group count
+    and normalised shape are graph arguments: rewritten there, they make a GraphModule)."""
+    t = next((t for t in (getattr(m, "running_mean", None), m.weight) if t is not None), None)
+    if t is None:
+        return
+    if isinstance(m, torch.nn.GroupNorm):
+        m.num_channels = len(t)
+    else:
+        m.num_features = len(t)
+
+
+# layer classes whose size attributes follow from their tensors alone, most specific first
+_SIZES = ((torch.nn.modules.conv._ConvTransposeNd, _conv_t_sizes), (torch.nn.modules.conv._ConvNd, _conv_sizes),
+          (torch.nn.Linear, _linear_sizes), (torch.nn.Embedding, _embedding_sizes), (torch.nn.PReLU, _prelu_sizes),
+          (torch.nn.modules.batchnorm._NormBase, _norm_sizes), (torch.nn.GroupNorm, _norm_sizes))
+
+
+def set_sizes(m: torch.nn.Module) -> None:
+    """Size attributes of a torch.nn layer (in/out_channels, in/out_features, num_features,
+    ...) from its sliced tensors, for a module the rules saw only through its forward's ops:
+    a subclass outside torch.nn that fx traces through (timm's StdConv2d, BatchNormAct2d) in a
+    model that keeps its class. Other modules are left as they are."""
+    for cls, fn in _SIZES:
+        if isinstance(m, cls):
+            fn(m)
+            return
 
 
 CONV = Rule(_conv, _conv_rewrite)
