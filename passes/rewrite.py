@@ -119,8 +119,8 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, also: list[torch.nn.Mod
     seen: set[int] = set()
     old_ids = new_by_old.keys()  # the old tensors are alive: an equal id is the same object
     named = cg.traced.named  # the traced model's modules, listed when it was traced
-    for modules in (cg.traced.modules.values(), *(named.values() if root is cg.traced.model and named else root.modules()
-                                                  for root in also)):
+    trees = [named.values() if root is cg.traced.model and named else root.modules() for root in also]
+    for modules in (cg.traced.modules.values(), *trees):
         for mod in modules:
             if id(mod) in seen:  # the GraphModule shares its submodules with the model it traced
                 continue
@@ -180,10 +180,10 @@ def follows(cg: ChannelGraph, rctx: RewriteCtx, code: list) -> bool:
     is the model's own (not a constant the tracer made), and the trace allows it
     (`Traced.own_forward`: every parameter and buffer of the model with more than one element
     is in the graph, so a branch the trace did not take, such as an auxiliary head under
-    `if self.training:`, reads none left unpruned; no branch on shapes is checked at run time). Forward then differs from the
-    graph only in what the trace fixed and what stays true of the pruned model: the training
-    branches it did not take, and the module attributes its code reads, which the rules keep
-    consistent with the sliced tensors."""
+    `if self.training:`, reads none left unpruned; no branch on shapes is checked at run
+    time). Forward then differs from the graph only in what the trace fixed and what stays
+    true of the pruned model: the training branches it did not take, and the module attributes
+    its code reads, which the rules (and `_set_sizes`) keep consistent with the tensors."""
     if not cg.traced.own_forward or rctx.replaced or _code(cg.gm.graph) != code:
         return False
     model = cg.traced.model

@@ -54,9 +54,9 @@ class Traced:
     # the graph changes: every parameter and buffer it holds is reached by the graph (no branch
     # the trace did not take reads one; a single number, such as the num_batches_tracked a
     # traced-through BatchNorm subclass counts in training, has nothing to prune and does not
-    # count), no value the trace fixed is checked at run time (a
-    # branch on shapes: the graph raises where forward would go another way), and no
-    # nn.Transformer* layer (traced through with its fused fast path off) is in it
+    # count), no value the trace fixed is checked at run time (a branch on shapes: the graph
+    # raises where forward would go another way), and no nn.Transformer* layer (traced through
+    # with its fused fast path off) is in it
     model: torch.nn.Module | None = None
     own_forward: bool = False
     named: dict = field(default_factory=dict)  # the traced model's modules, as its named_modules()
