@@ -284,7 +284,7 @@ def _finish(reference, cg, removed, plan, inputs, caller_model, verify, atol, rt
     needs no change (`rewrite.follows`); else the caller's object becomes the GraphModule."""
     params0, macs0 = sum(p.numel() for p in cg.traced.params.values()), cg.traced.macs
     widths0 = _widths(cg.traced.modules.items())
-    new, macs1, modules = rewrite.apply(cg, removed, also=[cg.traced.model])
+    new, macs1, modules = rewrite.apply(cg, removed)
     if caller_model is not None and new is not caller_model:
         new = cg.traced.gm = modules[""] = _become(caller_model, new)
     params1 = count_params(new)

@@ -82,9 +82,9 @@ class RewriteCtx:
 
 
 @torch.no_grad()
-def slice_tensors(cg: ChannelGraph, removed: np.ndarray, also: list[torch.nn.Module] = ()) -> dict[int, torch.Tensor]:
-    """Slice every labelled tensor of the GraphModule, and of the modules in `also` (the
-    caller's model when in place); returns the new tensors by id of the old ones.
+def slice_tensors(cg: ChannelGraph, removed: np.ndarray) -> dict[int, torch.Tensor]:
+    """Slice every labelled tensor of the GraphModule and of the traced model (the caller's
+    when in place, else a copy); returns the new tensors by id of the old ones.
 
     Each tensor is replaced wherever a module holds it (tied tensors stay tied): in parameter
     and buffer tables and in plain attributes (graph constants), each module visited once."""
@@ -118,9 +118,8 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, also: list[torch.nn.Mod
         new_by_old[id(old)] = new
     seen: set[int] = set()
     old_ids = new_by_old.keys()  # the old tensors are alive: an equal id is the same object
-    named = cg.traced.named  # the traced model's modules, listed when it was traced
-    trees = [named.values() if root is cg.traced.model and named else root.modules() for root in also]
-    for modules in (cg.traced.modules.values(), *trees):
+    # the GraphModule's modules, then the traced model's, listed when it was traced
+    for modules in (cg.traced.modules.values(), cg.traced.named.values()):
         for mod in modules:
             if id(mod) in seen:  # the GraphModule shares its submodules with the model it traced
                 continue
@@ -139,24 +138,22 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray, also: list[torch.nn.Mod
     return new_by_old
 
 
-def apply(cg: ChannelGraph, removed_roots: np.ndarray, *,
-          also: list[torch.nn.Module] = ()) -> tuple[torch.nn.Module, int, dict[str, torch.nn.Module]]:
+def apply(cg: ChannelGraph, removed_roots: np.ndarray) -> tuple[torch.nn.Module, int, dict[str, torch.nn.Module]]:
     """Rewrite `cg.gm` in place; returns the pruned model, its MACs on the example inputs, and
     its modules by qualified name (as its named_modules()).
 
-    The pruned model is the traced model itself (`cg.traced.model`, its tensors sliced through
-    `also`) when its own forward runs it unchanged (`follows`); otherwise `cg.gm`, turned into
-    a plain GraphModule with code generated for the rewritten graph."""
+    The pruned model is the traced model itself (`cg.traced.model`, its tensors sliced too)
+    when its own forward runs it unchanged (`follows`); otherwise `cg.gm`, turned into a plain
+    GraphModule with code generated for the rewritten graph."""
     rctx = RewriteCtx(cg, removed_roots)
-    new_by_old = slice_tensors(cg, rctx.removed, also)
+    new_by_old = slice_tensors(cg, rctx.removed)
     code = _code(cg.gm.graph)
     for node in list(cg.gm.graph.nodes):
         rule = rule_for(node, rctx)
         if rule.rewrite is not None:
             rule.rewrite(rctx, node)
     model = cg.traced.model
-    new = model if model is not None and any(m is model for m in also) and follows(cg, rctx, code) \
-        else _rebuilt(cg.gm)
+    new = model if follows(cg, rctx, code) else _rebuilt(cg.gm)
     if new is model:
         _set_sizes(cg, new_by_old)
     macs = check_shapes(rctx, cg.traced.example_inputs)

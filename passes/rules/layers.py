@@ -339,21 +339,23 @@ def _prelu_sizes(m):
 
 
 def _norm_sizes(m):
-    """A traced-through norm layer: its channel count from its per-channel tensors (group count
-    and normalised shape are graph arguments: rewritten there, they make a GraphModule)."""
-    t = next((t for t in (getattr(m, "running_mean", None), m.weight) if t is not None), None)
-    if t is None:
-        return
-    if isinstance(m, torch.nn.GroupNorm):
-        m.num_channels = len(t)
-    else:
+    """A traced-through batch or instance norm: its channel count from its per-channel tensors."""
+    t = m.running_mean if m.running_mean is not None else m.weight
+    if t is not None:
         m.num_features = len(t)
+
+
+def _group_norm_sizes(m):
+    """A traced-through GroupNorm: its channel count from its affine weight (the group count is
+    a graph argument: rewritten there, it makes a GraphModule)."""
+    if m.weight is not None:
+        m.num_channels = len(m.weight)
 
 
 # layer classes whose size attributes follow from their tensors alone, most specific first
 _SIZES = ((torch.nn.modules.conv._ConvTransposeNd, _conv_t_sizes), (torch.nn.modules.conv._ConvNd, _conv_sizes),
           (torch.nn.Linear, _linear_sizes), (torch.nn.Embedding, _embedding_sizes), (torch.nn.PReLU, _prelu_sizes),
-          (torch.nn.modules.batchnorm._NormBase, _norm_sizes), (torch.nn.GroupNorm, _norm_sizes))
+          (torch.nn.modules.batchnorm._NormBase, _norm_sizes), (torch.nn.GroupNorm, _group_norm_sizes))
 
 
 def set_sizes(m: torch.nn.Module) -> None:
