@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import gc
 import math
 from dataclasses import dataclass, field
 
@@ -70,6 +72,25 @@ class PruneResult:
     part: str | None = None  # `part=`: `model` is the whole model, `graph` and `plan` the part's
 
 
+def _collector_paused(f):
+    """`f` runs with Python's cyclic garbage collector paused (resumed on return or raise, if
+    it was on). A prune creates tens of thousands of objects (fx nodes, proxies, label arrays)
+    that stay alive until it returns; each 700 of them set off a young-generation collection
+    that found nothing to free (resnet50: 9 per prune, 0.7 ms). Reference counting still frees
+    everything else at once."""
+    @functools.wraps(f)
+    def paused(*args, **kwargs):
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            if was:
+                gc.enable()
+    return paused
+
+
+@_collector_paused
 def analyze(model: torch.nn.Module, example_inputs, *, part: str | None = None) -> ChannelGraph:
     """Trace and analyse without changing anything: units, groups, pins with reasons. With
     `part`, of that submodule, on the inputs it receives (see `prune`)."""
@@ -149,6 +170,7 @@ def _tensor_attr(m: torch.nn.Module, name: str) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
+@_collector_paused
 def prune(model: torch.nn.Module, example_inputs, *, ratio: float = 0.5, importance: str = "l2",
           global_pruning: bool = False, round_to: int | None = None, ignored_layers=(),
           ratios: dict | None = None, max_ratio: float = 0.9, inplace: bool = False,
@@ -198,6 +220,7 @@ def prune(model: torch.nn.Module, example_inputs, *, ratio: float = 0.5, importa
     return _finish(reference, cg, removed, plan, inputs, work if inplace else None, verify, atol, rtol)
 
 
+@_collector_paused
 def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs, *, verify: bool = True,
                inplace: bool = False, atol: float = 1e-5, rtol: float = 1e-4) -> PruneResult:
     """Re-apply a saved plan to a fresh instance of the same architecture (to the same part of
@@ -287,7 +310,7 @@ def _finish(reference, cg, removed, plan, inputs, caller_model, verify, atol, rt
     new, macs1, modules = rewrite.apply(cg, removed)
     if caller_model is not None and new is not caller_model:
         new = cg.traced.gm = modules[""] = _become(caller_model, new)
-    params1 = count_params(new)
+    params1 = count_params(new, modules)
     widths1 = _widths(modules.items())
     layers = [LayerWidth(n, k, s, widths1.get(n, (k, s))[1]) for n, (k, s) in widths0.items()]
     report = Report(params0, params1, macs0, macs1, layers, cg.pinned(), len(cg.units), len(removed))

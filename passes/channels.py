@@ -220,7 +220,10 @@ def iter_arrays(value: Any, sizes: bool = True):
             yield value.atoms
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from iter_arrays(v, sizes)
+            if type(v) is np.ndarray:  # a tensor's labels: no generator per array
+                yield v
+            else:
+                yield from iter_arrays(v, sizes)
     elif isinstance(value, dict):
         for v in value.values():
             yield from iter_arrays(v, sizes)
@@ -440,6 +443,11 @@ def _flat(v: Any):
         yield v
 
 
+def _labelled(arr: np.ndarray) -> bool:
+    """Some position of `arr` is a channel (a labelled dim's first position usually is)."""
+    return len(arr) > 0 and (arr[0] != 0 or arr.any())
+
+
 def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
     uf = ctx.uf
     roots = uf.roots()
@@ -455,10 +463,10 @@ def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
     pinned[0] = True
     cg.pinned_roots = np.flatnonzero(pinned & (roots == np.arange(uf.size)))
     in_act = np.zeros(uf.size, dtype=bool)  # classes seen in an activation (not a get_attr read)
-    seen = [arr for node in traced.gm.graph.nodes if node.op != "get_attr"
-            for arr in iter_arrays(ctx.values.get(node.name), sizes=False)]
+    seen = {id(arr): arr for node in traced.gm.graph.nodes if node.op != "get_attr"  # each array once
+            for arr in iter_arrays(ctx.values.get(node.name), sizes=False)}
     if seen or ctx.active:
-        in_act[roots[np.concatenate(seen + list(ctx.active))]] = True
+        in_act[roots[np.concatenate([*seen.values(), *ctx.active])]] = True
     # producer dims: every labelled parameter dim that no rule declared passive. Units that
     # share a producer dim form a group: components of a second union-find over unit roots,
     # whose root is the component's smallest unit (union links the larger root to the smaller).
@@ -467,7 +475,7 @@ def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
     heads: list[tuple[int, str]] = []
     in_producer = np.zeros(uf.size, dtype=bool)
     dims = [((name, d), arr) for name, labs in ctx.param_labels.items()
-            for d, arr in enumerate(labs) if (name, d) not in ctx.passive and arr.any()]
+            for d, arr in enumerate(labs) if (name, d) not in ctx.passive and _labelled(arr)]
     dims += ctx.producers
     if dims:  # all dims at once: each dim's classes (unpinned, in an activation) join its smallest
         lengths = np.fromiter((len(a) for _, a in dims), dtype=np.int64, count=len(dims))

@@ -125,6 +125,45 @@ def test_mnist_literal_view_is_rewritten():
     assert r.model(x).shape == (2, 10)
 
 
+@pytest.mark.parametrize("where", ["tensor", "tuple"])
+def test_rewrite_refuses_a_node_whose_shape_breaks_the_plan(monkeypatch, where):
+    """The rewritten graph runs once and every node must have the shape its labels promise: a
+    node the rewrite left one channel narrower than the plan (labels tampered with here) is a
+    RewriteError naming it, for a tensor node and for a node whose value is a tuple of them."""
+    from passes import rewrite
+    from passes.errors import RewriteError
+
+    check = rewrite.check_shapes
+
+    def tampered(rctx, inputs):
+        op = "call_module" if where == "tensor" else "call_function"
+        node = next(n for n in rctx.gm.graph.nodes if n.op == op and
+                    (where == "tensor" or isinstance(rctx.cg.values[n.name][0], tuple)))
+        value = rctx.cg.values[node.name]
+        labs = value if where == "tensor" else value[0]
+        labs = (labs[0], np.append(labs[1], 0), *labs[2:])  # one kept position more than the graph has
+        rctx.cg.values[node.name] = labs if where == "tensor" else type(value)([labs, *value[1:]])
+        return check(rctx, inputs)
+
+    monkeypatch.setattr(rewrite, "check_shapes", tampered)
+    torch.manual_seed(0)
+    model = MnistNet().eval() if where == "tensor" else _Chunked().eval()
+    x = torch.randn(2, 1, 28, 28) if where == "tensor" else image()
+    with pytest.raises(RewriteError, match=r"node '\w+' .*has shape .* after the rewrite, the plan expects"):
+        passes.prune(model, x, ratio=0.5)
+
+
+class _Chunked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.head = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        a, b = torch.chunk(self.conv(x), 2, dim=1)
+        return self.head(a * b)
+
+
 def test_groupnorm_statistics_follow_the_kept_channels():
     """GroupNorm(4, 16) loses channels in every group; the oracle takes each group's statistics
     over its kept channels, so the pruned model is checked exactly (it was reported as
