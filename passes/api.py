@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
-import gc
 import math
 from dataclasses import dataclass, field
 
@@ -72,25 +70,6 @@ class PruneResult:
     part: str | None = None  # `part=`: `model` is the whole model, `graph` and `plan` the part's
 
 
-def _collector_paused(f):
-    """`f` runs with Python's cyclic garbage collector paused (resumed on return or raise, if
-    it was on). A prune creates tens of thousands of objects (fx nodes, proxies, label arrays)
-    that stay alive until it returns; each 700 of them set off a young-generation collection
-    that found nothing to free (resnet50: 9 per prune, 0.7 ms). Reference counting still frees
-    everything else at once."""
-    @functools.wraps(f)
-    def paused(*args, **kwargs):
-        was = gc.isenabled()
-        gc.disable()
-        try:
-            return f(*args, **kwargs)
-        finally:
-            if was:
-                gc.enable()
-    return paused
-
-
-@_collector_paused
 def analyze(model: torch.nn.Module, example_inputs, *, part: str | None = None) -> ChannelGraph:
     """Trace and analyse without changing anything: units, groups, pins with reasons. With
     `part`, of that submodule, on the inputs it receives (see `prune`)."""
@@ -170,7 +149,6 @@ def _tensor_attr(m: torch.nn.Module, name: str) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
-@_collector_paused
 def prune(model: torch.nn.Module, example_inputs, *, ratio: float = 0.5, importance: str = "l2",
           global_pruning: bool = False, round_to: int | None = None, ignored_layers=(),
           ratios: dict | None = None, max_ratio: float = 0.9, inplace: bool = False,
@@ -220,7 +198,6 @@ def prune(model: torch.nn.Module, example_inputs, *, ratio: float = 0.5, importa
     return _finish(reference, cg, removed, plan, inputs, work if inplace else None, verify, atol, rtol)
 
 
-@_collector_paused
 def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs, *, verify: bool = True,
                inplace: bool = False, atol: float = 1e-5, rtol: float = 1e-4) -> PruneResult:
     """Re-apply a saved plan to a fresh instance of the same architecture (to the same part of
