@@ -197,6 +197,7 @@ class _Tracer(fx.Tracer):
         self.inputs = inputs  # example inputs: branches on shapes are taken as they go for these
         self._values: fx.Interpreter | None = None  # the graph built so far, run on the inputs
         self.checks = 0  # run-time checks of values the trace fixed (`_check`)
+        self._leaves: dict[type, bool] = {}  # is_leaf_module per module class
 
     # -- branches on shapes ------------------------------------------------------------------
     # fx refuses a traced value in Python control flow (`if H != W:`, `int(n)`). With example
@@ -264,9 +265,16 @@ class _Tracer(fx.Tracer):
             return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        if self.open_transformers and type(m) in _TRANSFORMERS:
-            return False
-        return isinstance(m, SlimMultiheadAttention) or type(m) in self.opaque or super().is_leaf_module(m, qualname)
+        """Decided by the module's class alone (as fx's own rule: its `__module__`), once per class."""
+        kind = type(m)
+        leaf = self._leaves.get(kind)
+        if leaf is None:
+            if self.open_transformers and kind in _TRANSFORMERS:
+                leaf = False
+            else:
+                leaf = isinstance(m, SlimMultiheadAttention) or kind in self.opaque or super().is_leaf_module(m, qualname)
+            self._leaves[kind] = leaf
+        return leaf
 
     # The overrides below only skip work for the commonest cases; the graph they build is
     # fx's own (tests/test_core.py compares the two on every test structure and two models).
@@ -284,6 +292,17 @@ class _Tracer(fx.Tracer):
         if kind is dict and not a:  # the kwargs of most calls
             return {}
         return super().create_arg(a)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        """fx's turns a parameter (or, if asked, a buffer) read as a module attribute into a
+        proxy; every other value (a submodule, a number) is returned as it is, here at once."""
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def path_of_module(self, mod: torch.nn.Module) -> str:
+        path = self.submodule_paths.get(mod) if self.submodule_paths else None
+        return path if type(path) is str else super().path_of_module(mod)  # fx's raises NameError
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         """As fx's, without the copy of the module call stack it puts in every node's meta
