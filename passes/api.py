@@ -287,7 +287,7 @@ def _finish(reference, cg, removed, plan, inputs, caller_model, verify, atol, rt
     new, macs1, modules = rewrite.apply(cg, removed)
     if caller_model is not None and new is not caller_model:
         new = cg.traced.gm = modules[""] = _become(caller_model, new)
-    params1 = count_params(new, modules)
+    params1 = count_params(new)
     widths1 = _widths(modules.items())
     layers = [LayerWidth(n, k, s, widths1.get(n, (k, s))[1]) for n, (k, s) in widths0.items()]
     report = Report(params0, params1, macs0, macs1, layers, cg.pinned(), len(cg.units), len(removed))

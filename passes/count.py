@@ -40,19 +40,8 @@ _CUSTOM = {  # keyed by overload packet, as FlopCounterMode looks them up
 }
 
 
-def count_params(model: torch.nn.Module, modules: dict | None = None) -> int:
-    """Parameters of `model`, each tensor once; `modules`: its dict(named_modules()) when the
-    caller has it (read from the parameter tables, without named_parameters' generators)."""
-    if modules is None:
-        return sum(p.numel() for p in model.parameters())
-    seen: set[int] = set()
-    total = 0
-    for m in modules.values():
-        for p in m._parameters.values():
-            if p is not None and id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-    return total
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 @contextlib.contextmanager
