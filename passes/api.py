@@ -282,7 +282,8 @@ def _finish(reference, cg, removed, plan, inputs, caller_model, verify, atol, rt
     """Rewrite, count, verify. `caller_model` is set when in place. The traced model (the
     caller's or a copy) has its tensors sliced too: it is the pruned model when its own forward
     needs no change (`rewrite.follows`); else the caller's object becomes the GraphModule."""
-    params0, macs0 = sum(p.numel() for p in cg.traced.params.values()), cg.traced.macs
+    # every parameter of the model, as `passes.count`: the graph's tables lack those it never reads
+    params0, macs0 = count_params(cg.traced.model), cg.traced.macs
     widths0 = _widths(cg.traced.modules.items())
     new, macs1, modules = rewrite.apply(cg, removed)
     if caller_model is not None and new is not caller_model:

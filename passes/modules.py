@@ -46,8 +46,9 @@ class SlimMultiheadAttention(nn.Module):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         unbatched = query.dim() == 2
+        batch = 0 if self.batch_first else 1  # an unbatched call is a batch of one, at this dim
         if unbatched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            query, key, value = query.unsqueeze(batch), key.unsqueeze(batch), value.unsqueeze(batch)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         if not self.batch_first:
@@ -75,7 +76,7 @@ class SlimMultiheadAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         if unbatched:
-            out = out.squeeze(1)
+            out = out.squeeze(batch)
         weights = None
         if need_weights:
             weights = attn.mean(dim=1) if average_attn_weights else attn

@@ -261,8 +261,20 @@ class _Tracer(fx.Tracer):
         return run.env[node]
 
     def trace(self, root, concrete_args=None):
+        """fx's trace. A wrapped torch function in the code traced (`_assert_is_none`, which fx
+        puts in a graph for a parameter fixed to None, when a pruned GraphModule is traced
+        again: pruned again, or rebuilt by torch.load) loses the node flag that makes fx's code
+        generation emit `wrap("torch.fx._symbolic_trace._assert_is_none")` into the module it
+        compiles: torch 2.14 registers that dotted name against the compiled module's globals,
+        where it is missing, and every later trace in the process failed with a KeyError. The
+        function is registered for wrapping by its own module, so tracing the generated code
+        keeps it a leaf without the flag."""
         with _traceable_builtins(self):
-            return super().trace(root, concrete_args)
+            graph = super().trace(root, concrete_args)
+        for n in graph.nodes:
+            if n.meta.get("is_wrapped") and f"{getattr(n.target, '__module__', '')}.".startswith("torch."):
+                del n.meta["is_wrapped"]
+        return graph
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         """Decided by the module's class alone (as fx's own rule: its `__module__`), once per class."""

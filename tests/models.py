@@ -271,6 +271,45 @@ class SdpaAttention(nn.Module):
         return self.head(self.o(y).mean(1))
 
 
+class RegisterTokens(nn.Module):
+    """Register tokens (a parameter's rows joined to the sequence, as timm's NaFlexViT and
+    ViTs with registers) before attention: the registers are channels of that parameter, so
+    pruning removes some, and with them keys of every query. `mask` (scaled_dot_product_attention):
+    none, "causal" (is_causal=True), "float" (a learned (1, 1) bias, broadcast to every score),
+    or "sized" (new zeros of the run-time length: a channel count sizes a new tensor, which pins
+    the registers). `mha`: nn.MultiheadAttention instead ("weights": its attention weights
+    are used too; "padding": called with a key padding mask, the model's second input, which
+    spans the keys and so pins the registers), with `batch_first`."""
+
+    def __init__(self, dim=32, heads=4, registers=4, mask=None, mha=None, batch_first=True):
+        super().__init__()
+        self.h, self.r, self.mask, self.mha, self.batch_first = heads, registers, mask, mha, batch_first
+        self.embed = nn.Linear(6, dim)
+        self.registers = nn.Parameter(torch.randn(1, registers, dim))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first) if mha else None
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 5)
+        self.bias = nn.Parameter(torch.full((1, 1), 0.3))
+
+    def forward(self, x, padding=None):
+        t = torch.cat([self.registers.expand(x.shape[0], -1, -1), self.embed(x)], dim=1)
+        B, N, D = t.shape
+        if self.attn is not None:
+            s = t if self.batch_first else t.transpose(0, 1)
+            y, w = self.attn(s, s, s, key_padding_mask=padding, need_weights=self.mha == "weights")
+            t = t + self.proj(y if self.batch_first else y.transpose(0, 1))
+            out = self.head(t[:, self.r:].mean(1))
+            return out + w.sum(-1).mean(1, keepdim=True) if self.mha == "weights" else out  # rows sum to 1
+        q, k, v = self.qkv(t).reshape(B, N, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = self.bias if self.mask == "float" else None
+        if self.mask == "sized":
+            mask = t.new_zeros(N, N)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.mask == "causal")
+        t = t + self.proj(y.transpose(1, 2).reshape(B, N, D))
+        return self.head(t[:, self.r:].mean(1))
+
+
 class RotaryAttention(nn.Module):
     """EVA-style attention: rotary position embedding on q and k (adjacent pairs of each head
     rotated, per-position tables), a literal head count, the width read back from the input."""
@@ -315,25 +354,29 @@ class NormalizeRoll(nn.Module):
 
 
 class MHA(nn.Module):
-    def __init__(self, dim=32, heads=4, batch_first=True):
+    """`unbatched`: called with one (L, 6) sequence, which nn.MultiheadAttention takes whatever
+    its batch_first."""
+
+    def __init__(self, dim=32, heads=4, batch_first=True, unbatched=False):
         super().__init__()
         self.embed = nn.Linear(6, dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
         self.ln = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, dim))
         self.head = nn.Linear(dim, 5)
-        self.batch_first = batch_first
+        self.swap = not batch_first and not unbatched
+        self.unbatched = unbatched
 
     def forward(self, x):
         x = self.embed(x)
-        if not self.batch_first:
+        if self.swap:
             x = x.transpose(0, 1)
         y = self.ln(x)
         x = x + self.attn(y, y, y, need_weights=False)[0]
         x = x + self.mlp(x)
-        if not self.batch_first:
+        if self.swap:
             x = x.transpose(0, 1)
-        return self.head(x[:, 0])
+        return self.head(x[0] if self.unbatched else x[:, 0])
 
 
 class Transformer(nn.Module):
@@ -498,9 +541,20 @@ STRUCTURES = {
     "hand_attention": (HandAttention, lambda: torch.randn(2, 10, 6)),
     "sdpa_attention": (SdpaAttention, lambda: torch.randn(2, 10, 6)),
     "rotary_attention": (RotaryAttention, lambda: torch.randn(2, 10, 6)),
+    "register_tokens": (RegisterTokens, lambda: torch.randn(2, 10, 6)),
+    "register_tokens_causal": (lambda: RegisterTokens(mask="causal"), lambda: torch.randn(2, 10, 6)),
+    "register_tokens_float_mask": (lambda: RegisterTokens(mask="float"), lambda: torch.randn(2, 10, 6)),
+    "register_tokens_sized_mask": (lambda: RegisterTokens(mask="sized"), lambda: torch.randn(2, 10, 6)),
+    "register_tokens_mha": (lambda: RegisterTokens(mha=True), lambda: torch.randn(2, 10, 6)),
+    "register_tokens_mha_seq_first": (lambda: RegisterTokens(mha=True, batch_first=False), lambda: torch.randn(2, 10, 6)),
+    "register_tokens_mha_weights": (lambda: RegisterTokens(mha="weights"), lambda: torch.randn(2, 10, 6)),
+    "register_tokens_mha_padding": (lambda: RegisterTokens(mha="padding"),
+                                    lambda: (torch.randn(2, 10, 6), torch.arange(14).expand(2, 14) >= 12)),
     "normalize_roll": (NormalizeRoll, image),
     "mha_batch_first": (MHA, lambda: torch.randn(2, 10, 6)),
     "mha_seq_first": (lambda: MHA(batch_first=False), lambda: torch.randn(2, 10, 6)),
+    "mha_unbatched": (lambda: MHA(unbatched=True), lambda: torch.randn(10, 6)),
+    "mha_unbatched_seq_first": (lambda: MHA(batch_first=False, unbatched=True), lambda: torch.randn(10, 6)),
     "transformer_encoder": (Transformer, lambda: torch.randn(2, 10, 6)),
     "transformer_seq_first_decoder": (lambda: Transformer(batch_first=False, norm_first=True, decoder=True),
                                       lambda: torch.randn(2, 10, 6)),

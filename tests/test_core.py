@@ -71,7 +71,8 @@ def test_closed_form_shapes_equal_torch_meta_kernels(name):
         assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("name", ["concat", "shuffle", "hand_attention", "mha_seq_first", "convs", "norms"])
+@pytest.mark.parametrize("name", ["concat", "shuffle", "hand_attention", "mha_seq_first", "convs", "norms",
+                                  "register_tokens_causal"])
 def test_verify_detects_a_corrupted_model(name):
     model, x = _build(name)
     r = passes.prune(model, x, ratio=0.5)
@@ -759,6 +760,23 @@ def test_pruned_model_round_trips_through_torch_save(name):
     back = torch.load(buf, weights_only=False)
     for a, b in zip(_outputs(back, x), _outputs(r.model, x)):
         assert torch.equal(a, b)
+
+
+def test_reloading_a_parameter_fixed_to_none_leaves_later_traces_working():
+    """forward(x, padding=None) is traced with padding fixed to None: fx puts its
+    `_assert_is_none` in the graph. torch.load re-traces the pruned GraphModule's code, and the
+    code generated then must not register that function for wrapping under its dotted name
+    (torch 2.14 then failed every later trace in the process with a KeyError)."""
+    model, x = _build("register_tokens_causal")
+    r = passes.prune(model, x, ratio=0.5, verify=False)
+    assert isinstance(r.model, torch.fx.GraphModule) and "_assert_is_none" in r.model.code
+    buf = io.BytesIO()
+    torch.save(r.model, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert torch.equal(back(x), r.model(x))
+    other, y = _build("residual")
+    assert passes.prune(other, y, ratio=0.5).report.verify.ok  # traces after the reload
 
 
 class _Flat(nn.Module):
