@@ -44,8 +44,7 @@ class Reduction:
     node: str
     arg: int  # which positional argument holds the reduced tensor
     dims: tuple  # dims of that argument reduced over
-    kind: str  # "sum" (exact when removed positions are zeroed), "mean", "norm", "softmax", "max",
-    # "keys" (the key sequence of an attention: removed keys take no weight)
+    kind: str  # "sum" (exact when removed positions are zeroed), "mean", "norm", "softmax", "max"
     labels: tuple  # labels of those dims
 
 

@@ -10,10 +10,6 @@ over the kept positions only, which is what the physically smaller model compute
 - "sum" (matmul/einsum contraction, sum): removed positions are zeroed first;
 - "mean": the masked sum is divided by the kept count instead of the full count;
 - "softmax", "max": removed positions are set to -inf (+inf for a min) first;
-- "keys" (the key sequence of scaled_dot_product_attention or nn.MultiheadAttention, when its
-  positions are channels: register tokens): removed keys are masked out of every query's
-  scores, with the call's own mask or causal mask kept (setting the keys themselves to -inf
-  would make every score nan);
 - "norm" (LayerNorm, GroupNorm, batch statistics of BatchNorm and F.batch_norm as in timm's
   weight standardisation, instance statistics; modules and functions): mean and variance over
   the kept positions of the dims the statistics span (for GroupNorm, of each group), then the
@@ -99,10 +95,6 @@ class _KeptOnly(FreshArgs, fx.Interpreter):
             return self._norm(kind, n, args, kwargs, specs)
         scale = 1.0
         for i, d, k, keep in specs:
-            if k == "keys":  # attention: the call's masks change, not the keys
-                args, kwargs = (_mask_module_keys(self.fetch_attr(n.target), args, kwargs, keep)
-                                if n.op == "call_module" else _mask_keys(args, kwargs, keep))
-                continue
             x = args[i]
             shape = [1] * x.dim()
             shape[d] = -1
@@ -148,48 +140,6 @@ class _KeptOnly(FreshArgs, fx.Interpreter):
         if b is not None:
             y = y + (b if w_shape is None else b.view(w_shape))
         return y
-
-
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
-def _mask_keys(args: list, kwargs: dict, keep: torch.Tensor) -> tuple[list, dict]:
-    """The arguments of F.scaled_dot_product_attention with the keys `keep` does not mark
-    masked out of every query's scores: what attention over the kept keys alone computes. The
-    call's own mask is combined with it (a bool mask by `and`, a float mask by adding -inf), a
-    causal call gets its causal mask written out (SDPA takes one or the other)."""
-    call = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
-    length, keys = call["query"].shape[-2], call["key"].shape[-2]
-    allowed = keep.view(1, keys)
-    if call.get("is_causal"):
-        allowed = allowed & torch.ones(length, keys, dtype=torch.bool).tril()
-        call["is_causal"] = False
-    mask = call.get("attn_mask")
-    if mask is None or mask.dtype == torch.bool:
-        call["attn_mask"] = allowed if mask is None else mask & allowed
-    else:
-        call["attn_mask"] = mask + torch.zeros(allowed.shape, dtype=mask.dtype).masked_fill(~allowed, float("-inf"))
-    qkv = [call.pop(name) for name in _SDPA_ARGS[:3]]
-    return qkv, call
-
-
-_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
-             "is_causal")
-
-
-def _mask_module_keys(m, args: list, kwargs: dict, keep: torch.Tensor) -> tuple[list, dict]:
-    """The arguments of nn.MultiheadAttention (or SlimMultiheadAttention) with the removed keys
-    in its key padding mask (combined with the call's own, if any)."""
-    call = {**dict(zip(_MHA_ARGS, args)), **kwargs}
-    key = call["key"]
-    removed = ~keep
-    if key.dim() == 3:
-        removed = removed.view(1, -1).expand(key.shape[0] if m.batch_first else key.shape[1], -1)
-    own = call.get("key_padding_mask")
-    call["key_padding_mask"] = (removed if own is None else own | removed if own.dtype == torch.bool
-                                else own.masked_fill(removed, float("-inf")))
-    qkv = [call.pop(name) for name in _MHA_ARGS[:3]]
-    return qkv, call
 
 
 def _kept_stats(x: torch.Tensor, keep: torch.Tensor, dims: tuple, eps: float) -> torch.Tensor:

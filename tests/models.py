@@ -273,24 +273,21 @@ class SdpaAttention(nn.Module):
 
 class RegisterTokens(nn.Module):
     """Register tokens (a parameter's rows joined to the sequence, as timm's NaFlexViT and
-    ViTs with registers) before attention: the registers are channels of that parameter, so
-    pruning removes some, and with them keys of every query. `mask` (scaled_dot_product_attention):
-    none, "causal" (is_causal=True), "float" (a learned (1, 1) bias, broadcast to every score),
-    or "sized" (new zeros of the run-time length: a channel count sizes a new tensor, which pins
-    the registers). `mha`: nn.MultiheadAttention instead ("weights": its attention weights
-    are used too; "padding": called with a key padding mask, the model's second input, which
-    spans the keys and so pins the registers), with `batch_first`."""
+    ViTs with registers) before attention: the registers are channels of that parameter, but
+    tokens are not pruned (attention pins its sequences). `causal`: is_causal=True. `mha`:
+    nn.MultiheadAttention instead of scaled_dot_product_attention ("weights": its attention
+    weights are used too; "padding": called with a key padding mask, the second input), with
+    `batch_first`."""
 
-    def __init__(self, dim=32, heads=4, registers=4, mask=None, mha=None, batch_first=True):
+    def __init__(self, dim=32, heads=4, registers=4, causal=False, mha=None, batch_first=True):
         super().__init__()
-        self.h, self.r, self.mask, self.mha, self.batch_first = heads, registers, mask, mha, batch_first
+        self.h, self.r, self.causal, self.mha, self.batch_first = heads, registers, causal, mha, batch_first
         self.embed = nn.Linear(6, dim)
         self.registers = nn.Parameter(torch.randn(1, registers, dim))
         self.qkv = nn.Linear(dim, 3 * dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first) if mha else None
         self.proj = nn.Linear(dim, dim)
         self.head = nn.Linear(dim, 5)
-        self.bias = nn.Parameter(torch.full((1, 1), 0.3))
 
     def forward(self, x, padding=None):
         t = torch.cat([self.registers.expand(x.shape[0], -1, -1), self.embed(x)], dim=1)
@@ -302,12 +299,23 @@ class RegisterTokens(nn.Module):
             out = self.head(t[:, self.r:].mean(1))
             return out + w.sum(-1).mean(1, keepdim=True) if self.mha == "weights" else out  # rows sum to 1
         q, k, v = self.qkv(t).reshape(B, N, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4).unbind(0)
-        mask = self.bias if self.mask == "float" else None
-        if self.mask == "sized":
-            mask = t.new_zeros(N, N)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.mask == "causal")
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         t = t + self.proj(y.transpose(1, 2).reshape(B, N, D))
         return self.head(t[:, self.r:].mean(1))
+
+
+class SizedZeros(nn.Module):
+    """A channel count sizes a new tensor (`y.new_zeros(B, C)`), which is joined to the
+    channels: its dim is not a channel and would shrink with the count, so the count is pinned."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = cbr(3, 8), cbr(8, 8)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.b(self.a(x)).mean((2, 3))
+        return self.fc(torch.cat([y, y.new_zeros(y.shape[0], y.shape[1])], 1))
 
 
 class RotaryAttention(nn.Module):
@@ -542,14 +550,13 @@ STRUCTURES = {
     "sdpa_attention": (SdpaAttention, lambda: torch.randn(2, 10, 6)),
     "rotary_attention": (RotaryAttention, lambda: torch.randn(2, 10, 6)),
     "register_tokens": (RegisterTokens, lambda: torch.randn(2, 10, 6)),
-    "register_tokens_causal": (lambda: RegisterTokens(mask="causal"), lambda: torch.randn(2, 10, 6)),
-    "register_tokens_float_mask": (lambda: RegisterTokens(mask="float"), lambda: torch.randn(2, 10, 6)),
-    "register_tokens_sized_mask": (lambda: RegisterTokens(mask="sized"), lambda: torch.randn(2, 10, 6)),
+    "register_tokens_causal": (lambda: RegisterTokens(causal=True), lambda: torch.randn(2, 10, 6)),
     "register_tokens_mha": (lambda: RegisterTokens(mha=True), lambda: torch.randn(2, 10, 6)),
     "register_tokens_mha_seq_first": (lambda: RegisterTokens(mha=True, batch_first=False), lambda: torch.randn(2, 10, 6)),
     "register_tokens_mha_weights": (lambda: RegisterTokens(mha="weights"), lambda: torch.randn(2, 10, 6)),
     "register_tokens_mha_padding": (lambda: RegisterTokens(mha="padding"),
                                     lambda: (torch.randn(2, 10, 6), torch.arange(14).expand(2, 14) >= 12)),
+    "sized_zeros": (SizedZeros, image),
     "normalize_roll": (NormalizeRoll, image),
     "mha_batch_first": (MHA, lambda: torch.randn(2, 10, 6)),
     "mha_seq_first": (lambda: MHA(batch_first=False), lambda: torch.randn(2, 10, 6)),

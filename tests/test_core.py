@@ -762,6 +762,24 @@ def test_pruned_model_round_trips_through_torch_save(name):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", [n for n in sorted(STRUCTURES) if n.startswith("register_tokens")])
+def test_attention_keeps_every_token(name):
+    """Register tokens are rows of a parameter, so its sequence dim holds channel atoms; the
+    attention pins its sequences: the registers' channels (the width) are pruned, never a token."""
+    model, x = _build(name)
+    r = passes.prune(model, x, ratio=0.5)
+    assert set(r.plan.removed["registers"]) == {2}
+    assert any(p.reason.startswith("attention sequence") and p.channels == 4 for p in r.report.pinned)
+    assert r.model.registers.shape == (1, 4, 16)
+
+
+def test_a_channel_count_sizing_a_new_tensor_is_pinned():
+    model, x = _build("sized_zeros")
+    r = passes.prune(model, x, ratio=0.5)
+    pins = [p for p in r.report.pinned if "sizes a new tensor" in p.reason]
+    assert pins and pins[0].channels == 8 and r.report.units_removed > 0
+
+
 def test_reloading_a_parameter_fixed_to_none_leaves_later_traces_working():
     """forward(x, padding=None) is traced with padding fixed to None: fx puts its
     `_assert_is_none` in the graph. torch.load re-traces the pruned GraphModule's code, and the

@@ -1,14 +1,14 @@
 """Attention: scaled_dot_product_attention and nn.MultiheadAttention.
 
 SDPA: q and k share the contracted head width; k and v share the key sequence; the output
-takes q's leading dims and v's width. Sequence positions can be channels (register tokens: a
-parameter's rows joined to the tokens); removed keys are then masked out of the scores in the
-oracle (`passes.verify`, reduction kind "keys"), and a mask spanning the queries or keys pins
-them (it would keep its length while they shrink). Its rewrite passes the original `scale`
+takes q's leading dims and v's width. The query and key sequences are pinned: tokens are not
+channels, even where some come from a parameter (register tokens, learned queries: the
+parameter's rows joined to the sequence would otherwise be removable units, and removing
+tokens is not what channel pruning is asked for). Its rewrite passes the original `scale`
 explicitly when the head width shrinks (the default 1/sqrt(width) would change with it).
 
-nn.MultiheadAttention is a leaf in torch.fx; its rule works on its parameters, and on the
-sequences as SDPA's (its masks: `key_padding_mask`, `attn_mask`). Units:
+nn.MultiheadAttention is a leaf in torch.fx; its rule works on its parameters, and pins the
+sequences as SDPA's (keys and values share theirs; its masks are pinned). Units:
 the model width seen by the input projection (unified with the query/key/value inputs), the
 output width (out_proj rows), position d of every q and k head (head-width pruning, q and k
 together), position d of every v head (with the matching out_proj columns). The rewrite swaps
@@ -43,22 +43,21 @@ def _sdpa(ctx, node):
     ctx.unify(q[-1], k[-1], ctx.why("attention width meets a non-channel dim"))
     ctx.unify(k[-2], v[-2], ctx.why("attention keys meet a non-channel dim"))
     ctx.reduce(0, (len(q) - 1,), "sum", q)
-    ctx.reduce(1, (len(k) - 2,), "keys", k)
-    _pin_mask(ctx, ctx.labels(arg(node, 3, "attn_mask")), q[-2], k[-2])
+    _pin_sequences(ctx, q[-2], k[-2])
+    mask = ctx.labels(arg(node, 3, "attn_mask"))
+    if mask is not None:
+        ctx.pin_value(mask, ctx.why("attention mask"))
     shape = tuple(node.meta["tensor_meta"].shape)
     lead = broadcast(ctx, [q[:-2], k[:-2], v[:-2]], shape[:-2])
     return tuple(lead) + (q[-2], v[-1])
 
 
-def _pin_mask(ctx, mask, queries, keys) -> None:
-    """An attention mask: the keys its last dim spans and the queries its second last spans
-    (`queries` None: it has none; a broadcast dim, size 1, spans nothing) are pinned with it."""
-    if mask is None:
-        return
-    for dim, atoms in ((-1, keys), (-2, queries)):
-        if atoms is not None and len(mask) >= -dim and len(mask[dim]) == len(atoms) > 1:
-            ctx.unify(mask[dim], atoms, ctx.why("attention mask"))
-    ctx.pin_value(mask, ctx.why("attention mask"))
+def _pin_sequences(ctx, queries, keys) -> None:
+    """Tokens are not channels: the positions of the query and key sequences are pinned (only
+    those that carry channel atoms, from a parameter joined to the sequence, are affected)."""
+    why = ctx.why("attention sequence (tokens are not pruned)")
+    ctx.pin(queries, why)
+    ctx.pin(keys, why)
 
 
 def _sdpa_rewrite(rctx, node):
@@ -101,9 +100,9 @@ def _mha(ctx, node):
     # sequence dims: (N, L, E) batch first, (L, N, E) else, (L, E) unbatched
     qs, ks = (0, 0) if len(q) == 3 and not m.batch_first else (len(q) - 2, len(k) - 2)
     ctx.unify(k[ks], v[ks], ctx.why("attention keys meet a non-channel dim"))
-    ctx.reduce(1, (ks,), "keys", k)
-    _pin_mask(ctx, ctx.labels(arg(node, 3, "key_padding_mask")), None, k[ks])  # (N, S) or (S,)
-    _pin_mask(ctx, ctx.labels(arg(node, 5, "attn_mask")), q[qs], k[ks])
+    _pin_sequences(ctx, q[qs], k[ks])
+    for i, name in ((3, "key_padding_mask"), (5, "attn_mask")):
+        ctx.pin_value(ctx.labels(arg(node, i, name)), ctx.why("attention mask"))
     w = ctx.param(m, "in_proj_weight")
     qk_rows, v_rows = _split_rows(w[0], *dims)
     b = ctx.param(m, "in_proj_bias")
