@@ -101,6 +101,12 @@ class Ctx:
         for arr in iter_arrays(value):
             self.pin(arr, reason)
 
+    def pin_sizes(self, value: Any, what: str) -> None:
+        """Pin the channel counts (`SizeVal`s) in `value`, an argument's labels."""
+        for v in _flat(value):
+            if isinstance(v, SizeVal):
+                self.pin(v.atoms, self.why(what))
+
     def unify(self, a: np.ndarray, b: np.ndarray, reason: str | None = None) -> None:
         L.unify(self.uf, self.pin, a, b, reason or self.why("meets a non-channel dim"))
 
@@ -424,10 +430,7 @@ def _pin_size_values(ctx: Ctx, node: fx.Node) -> None:
     """A channel size used as a number (not as a shape) changes meaning when pruned: pin it."""
     if node.op == "call_function" and node.target in _INT_ARITH:
         return
-    for a in list(node.args) + list(node.kwargs.values()):
-        for v in _flat(ctx.labels(a)):
-            if isinstance(v, SizeVal):
-                ctx.pin(v.atoms, ctx.why("a channel count is used as a number"))
+    ctx.pin_sizes(ctx.labels([*node.args, *node.kwargs.values()]), "a channel count is used as a number")
 
 
 _INT_ARITH = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,

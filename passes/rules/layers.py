@@ -86,10 +86,6 @@ def _conv(ctx, node):
     return conv_labels(ctx, node, ctx.labels(node.args[0]), w, b, m.groups, pointwise)
 
 
-def _conv_rewrite(rctx, node):
-    _conv_sizes(rctx.module(node))
-
-
 def _conv_sizes(m):
     w = m.weight
     if m.groups > 1 and m.in_channels // m.groups == 1:
@@ -125,10 +121,6 @@ def _conv_t(ctx, node):
     return _spatial_out(ctx, node, x, w[1], ch, pointwise)
 
 
-def _conv_t_rewrite(rctx, node):
-    _conv_t_sizes(rctx.module(node))
-
-
 def _conv_t_sizes(m):
     m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
 
@@ -144,10 +136,6 @@ def _linear(ctx, node):
     m = ctx.module(node)
     ctx.mark_passive(m, "weight", 1)
     return linear_labels(ctx, ctx.labels(node.args[0]), ctx.param(m, "weight"), ctx.param(m, "bias"))
-
-
-def _linear_rewrite(rctx, node):
-    _linear_sizes(rctx.module(node))
 
 
 def _linear_sizes(m):
@@ -173,10 +161,6 @@ def _embedding(ctx, node):
     w = ctx.param(m, "weight")
     ctx.pin(w[0], ctx.why("embedding rows are looked up by index"))
     return tuple(ctx.labels(node.args[0])) + (w[1],)
-
-
-def _embedding_rewrite(rctx, node):
-    _embedding_sizes(rctx.module(node))
 
 
 def _embedding_sizes(m):
@@ -330,10 +314,6 @@ def _prelu(ctx, node):
     return x
 
 
-def _prelu_rewrite(rctx, node):
-    _prelu_sizes(rctx.module(node))
-
-
 def _prelu_sizes(m):
     m.num_parameters = m.weight.numel()
 
@@ -369,12 +349,17 @@ def set_sizes(m: torch.nn.Module) -> None:
             return
 
 
-CONV = Rule(_conv, _conv_rewrite)
+def _sizes_rewrite(rctx, node):
+    """A layer's size attributes from its sliced tensors (`set_sizes`)."""
+    set_sizes(rctx.module(node))
+
+
+CONV = Rule(_conv, _sizes_rewrite)
 CONV_FN = Rule(_conv_fn)
-CONV_T = Rule(_conv_t, _conv_t_rewrite)
-LINEAR = Rule(_linear, _linear_rewrite)
+CONV_T = Rule(_conv_t, _sizes_rewrite)
+LINEAR = Rule(_linear, _sizes_rewrite)
 LINEAR_FN = Rule(_linear_fn)
-EMBEDDING = Rule(_embedding, _embedding_rewrite)
+EMBEDDING = Rule(_embedding, _sizes_rewrite)
 BATCH_NORM = Rule(_batch_norm, _num_features_rewrite)
 BATCH_NORM_FN = Rule(_batch_norm_fn)
 GROUP_NORM_FN = Rule(_group_norm_fn, _group_norm_fn_rewrite)
@@ -382,4 +367,4 @@ INSTANCE_NORM = Rule(_instance_norm, _num_features_rewrite)
 LAYER_NORM = Rule(_layer_norm, _layer_norm_rewrite)
 LAYER_NORM_FN = Rule(_layer_norm_fn, _layer_norm_fn_rewrite)
 GROUP_NORM = Rule(_group_norm, _group_norm_rewrite)
-PRELU = Rule(_prelu, _prelu_rewrite)
+PRELU = Rule(_prelu, _sizes_rewrite)

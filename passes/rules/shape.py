@@ -421,17 +421,8 @@ def _create(ctx, node):
     """torch.zeros/ones/empty(size), x.new_zeros(size), ...: a new tensor, no channel dims. A
     channel count among the sizes is pinned (as a view's, `_reshape`): the new dim is not a
     channel, and its size would change with the count."""
-    for v in _size_vals(ctx.labels([*node.args, *node.kwargs.values()])):
-        ctx.pin(v.atoms, ctx.why("a channel count sizes a new tensor"))
+    ctx.pin_sizes(ctx.labels([*node.args, *node.kwargs.values()]), "a channel count sizes a new tensor")
     return ctx.unlabeled_like(node)
-
-
-def _size_vals(v):
-    if isinstance(v, SizeVal):
-        yield v
-    elif isinstance(v, (list, tuple)):
-        for x in v:
-            yield from _size_vals(x)
 
 
 def _full(ctx, node):
