@@ -12,7 +12,7 @@ import torch
 from . import importance as imp
 from . import rewrite
 from .channels import ChannelGraph, analyze_graph
-from .count import count_params
+from .count import count_module_params
 from .errors import InputError, PlanError, VerificationError, first_line
 from .labels import unique
 from .plan import Plan, keep_every_dim, select
@@ -283,12 +283,12 @@ def _finish(reference, cg, removed, plan, inputs, caller_model, verify, atol, rt
     caller's or a copy) has its tensors sliced too: it is the pruned model when its own forward
     needs no change (`rewrite.follows`); else the caller's object becomes the GraphModule."""
     # every parameter of the model, as `passes.count`: the graph's tables lack those it never reads
-    params0, macs0 = count_params(cg.traced.model), cg.traced.macs
+    params0, macs0 = count_module_params(cg.traced.named.values()), cg.traced.macs
     widths0 = _widths(cg.traced.modules.items())
     new, macs1, modules = rewrite.apply(cg, removed)
     if caller_model is not None and new is not caller_model:
         new = cg.traced.gm = modules[""] = _become(caller_model, new)
-    params1 = count_params(new)
+    params1 = count_module_params(modules.values())
     widths1 = _widths(modules.items())
     layers = [LayerWidth(n, k, s, widths1.get(n, (k, s))[1]) for n, (k, s) in widths0.items()]
     report = Report(params0, params1, macs0, macs1, layers, cg.pinned(), len(cg.units), len(removed))

@@ -27,14 +27,23 @@ def _slice_sums(t: torch.Tensor, dims: list[int], kind: str, scratch: torch.Tens
     |w| or w^2 is written once into `scratch` (a buffer reused across tensors: a fresh one per
     tensor spent its time in page faults), then viewed as (before, d, after) and summed over the
     leading block first (row adds), then the trailing one. Measured on resnet50's convs: 3-4x
-    faster than `linalg.vector_norm` per dim, whose reductions over inner dims are strided."""
-    x = t.detach().contiguous()
-    p = scratch[: x.numel()].view(x.shape)
+    faster than `linalg.vector_norm` per dim, whose reductions over inner dims are strided.
+    Called under no_grad; each view and sum is one torch call (their Python dispatch was a
+    tenth of the time on resnet50's 161 tensors): a dim with nothing before or after it is
+    not summed over an empty block."""
+    x = t if t.is_contiguous() else t.contiguous()
+    shape, n = x.shape, x.numel()
+    p = scratch[:n].view(shape)
     torch.abs(x, out=p) if kind == "l1" else torch.square(x, out=p)
     out = []
     for d in dims:
-        q = p.view(math.prod(x.shape[:d]), x.shape[d], -1)
-        out.append((q.sum(0) if q.shape[0] > 1 else q[0]).sum(1))
+        before = math.prod(shape[:d])
+        after = n // (before * shape[d]) if n else 0
+        if before == 1:
+            out.append(p.view(shape[d], -1).sum(1) if after != 1 else p.view(-1))
+            continue
+        s = p.view(before, shape[d], -1).sum(0) if after != 1 else p.view(before, shape[d]).sum(0)
+        out.append(s.sum(1) if after != 1 else s)
     return out
 
 

@@ -103,10 +103,16 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray) -> dict[int, torch.Tens
     # a tensor cut in several dims passes through intermediates: one reused buffer holds them
     # (fresh memory for each was a page fault per 4 KiB, the larger part of the time on ViT-B)
     sizes = [math.prod(old.shape[d + 1:]) * len(i) * math.prod(old.shape[:d]) for _, old, keep in work
-             for d, i in keep[:1] if len(keep) > 1]
+             for d, i in keep[:1] if len(keep) > 1 and not _blocks(old, keep)]
     scratch = torch.empty(max(sizes, default=0), dtype=torch.float32)
     for name, old, keep in work:
         new = old
+        if _blocks(old, keep):  # rows and columns of kernel blocks: one gather of whole blocks
+            (_, rows), (_, cols) = keep
+            o, i = old.shape[:2]
+            flat = (rows[:, None] * i + cols).view(-1)
+            new = old.view(o * i, -1).index_select(0, flat).view(len(rows), len(cols), *old.shape[2:])
+            keep = ()
         for j, (d, idx) in enumerate(keep):
             if j == 0 and len(keep) > 1 and new.dtype == scratch.dtype:
                 shape = (*new.shape[:d], len(idx), *new.shape[d + 1:])
@@ -136,6 +142,15 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray) -> dict[int, torch.Tens
                     if id(v) in new_by_old:
                         setattr(mod, k, new_by_old[id(v)])
     return new_by_old
+
+
+def _blocks(t: torch.Tensor, keep: list) -> bool:
+    """A contiguous tensor cut in its first two dims whose trailing dims hold blocks of at least
+    4 values (a conv kernel): taking whole blocks by their flat (row, column) index is one copy,
+    measured at half the time of a row cut followed by a column cut on resnet50's 3x3 convs
+    (while for 1x1 kernels and matrices, element by element, it was slower)."""
+    return (len(keep) == 2 and keep[0][0] == 0 and keep[1][0] == 1 and t.dim() > 2
+            and math.prod(t.shape[2:]) >= 4 and t.is_contiguous())
 
 
 def apply(cg: ChannelGraph, removed_roots: np.ndarray) -> tuple[torch.nn.Module, int, dict[str, torch.nn.Module]]:

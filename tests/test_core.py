@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import passes
 from passes import InputError, PlanError, TraceError
+from passes.count import count_params
 
 from models import STRUCTURES, MnistNet, Norms, UnknownOp, cbr, image
 
@@ -38,6 +39,7 @@ def test_structure_prunes_with_masked_equivalence(name):
     assert after == before
     rep = r.report
     assert rep.params_after < rep.params_before
+    assert (rep.params_before, rep.params_after) == (count_params(model), count_params(r.model))
     assert rep.macs_after < rep.macs_before
     assert rep.units_removed > 0
     assert rep.verify.ok and rep.verify.exact, rep.verify.message
