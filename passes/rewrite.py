@@ -99,26 +99,23 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray) -> dict[int, torch.Tens
         old = owned.get(name)
         if old is None:
             old = attr_at(gm, name)
-        work.append((name, old, keep))
+        work.append((name, old, keep, _blocks(old, keep)))
     # a tensor cut in several dims passes through intermediates: one reused buffer holds them
     # (fresh memory for each was a page fault per 4 KiB, the larger part of the time on ViT-B)
-    sizes = [math.prod(old.shape[d + 1:]) * len(i) * math.prod(old.shape[:d]) for _, old, keep in work
-             for d, i in keep[:1] if len(keep) > 1 and not _blocks(old, keep)]
+    sizes = [math.prod(old.shape[d + 1:]) * len(i) * math.prod(old.shape[:d]) for _, old, keep, blocks in work
+             for d, i in keep[:1] if len(keep) > 1 and not blocks]
     scratch = torch.empty(max(sizes, default=0), dtype=torch.float32)
-    for name, old, keep in work:
-        new = old
-        if _blocks(old, keep):  # rows and columns of kernel blocks: one gather of whole blocks
-            (_, rows), (_, cols) = keep
-            o, i = old.shape[:2]
-            flat = (rows[:, None] * i + cols).view(-1)
-            new = old.view(o * i, -1).index_select(0, flat).view(len(rows), len(cols), *old.shape[2:])
-            keep = ()
-        for j, (d, idx) in enumerate(keep):
-            if j == 0 and len(keep) > 1 and new.dtype == scratch.dtype:
-                shape = (*new.shape[:d], len(idx), *new.shape[d + 1:])
-                new = torch.index_select(new, d, idx, out=scratch[: math.prod(shape)].view(shape))
-            else:
-                new = new.index_select(d, idx)
+    for name, old, keep, blocks in work:
+        if blocks:
+            new = _take_blocks(old, keep[0][1], keep[1][1])
+        else:
+            new = old
+            for j, (d, idx) in enumerate(keep):
+                if j == 0 and len(keep) > 1 and new.dtype == scratch.dtype:
+                    shape = (*new.shape[:d], len(idx), *new.shape[d + 1:])
+                    new = torch.index_select(new, d, idx, out=scratch[: math.prod(shape)].view(shape))
+                else:
+                    new = new.index_select(d, idx)
         if isinstance(old, torch.nn.Parameter):
             new = torch.nn.Parameter(new, requires_grad=old.requires_grad)  # index_select copied
         new_by_old[id(old)] = new
@@ -151,6 +148,13 @@ def _blocks(t: torch.Tensor, keep: list) -> bool:
     (while for 1x1 kernels and matrices, element by element, it was slower)."""
     return (len(keep) == 2 and keep[0][0] == 0 and keep[1][0] == 1 and t.dim() > 2
             and math.prod(t.shape[2:]) >= 4 and t.is_contiguous())
+
+
+def _take_blocks(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """`t[rows][:, cols]` for a tensor `_blocks` accepts, in one gather of whole blocks."""
+    o, i = t.shape[:2]
+    flat = (rows[:, None] * i + cols).view(-1)
+    return t.view(o * i, -1).index_select(0, flat).view(len(rows), len(cols), *t.shape[2:])
 
 
 def apply(cg: ChannelGraph, removed_roots: np.ndarray) -> tuple[torch.nn.Module, int, dict[str, torch.nn.Module]]:
