@@ -25,7 +25,12 @@ Also shown: `analyze` alone (trace + shapes + channel analysis), and where passe
 goes (median per stage, timed by wrapping passes' own stage functions in the same runs).
 Torch-Pruning: `MagnitudePruner(...)` (dependency graph) + `step()` (importance + pruning).
 
-    python benchmarks/speed.py [--models resnet50 densenet201 vit_b_16] [--repeats 7] [--size 224]
+Each model gets `--repeats` pairs (15), fewer when its pairs pass `--budget` seconds (300; at
+least 3 pairs): a densenet201 Torch-Pruning run takes about 50 s here. The pair ratios of one
+model spread widely on this shared machine (resnet50, 7 pairs: 3.1-6.3x), so the median needs
+more pairs than the 7 of the runs before 2026-11-23.
+
+    python benchmarks/speed.py [--models resnet50 densenet201 vit_b_16] [--repeats 15] [--budget 300] [--size 224]
 """
 
 from __future__ import annotations
@@ -131,7 +136,9 @@ def time_passes(model, x):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet50", "densenet201", "vit_b_16"])
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15, help="pairs per model (at most)")
+    ap.add_argument("--budget", type=float, default=300.0,
+                    help="seconds per model: no new pair once its pairs took this long (at least 3 pairs)")
     ap.add_argument("--size", type=int, default=224)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -143,17 +150,21 @@ def main(argv=None):
         x = torch.randn(1, 3, args.size, args.size)
         time_passes(model, x), time_tp(model, x)  # warm-up both (imports, allocator)
         p_tot, p_an, t_tot, t_build, p_stages, p_rel = [], [], [], [], [], []
-        for _ in range(args.repeats):
+        start = time.perf_counter()
+        for i in range(args.repeats):
+            if i >= 3 and time.perf_counter() - start > args.budget:
+                break
             a, b, st, rel = time_passes(model, x)
             p_tot.append(a), p_an.append(b), p_stages.append(st), p_rel.append(rel)
             a, b = time_tp(model, x)
             t_tot.append(a), t_build.append(b)
-        row = dict(model=name, passes_prune_s=statistics.median(p_tot), passes_analyze_s=statistics.median(p_an),
+        row = dict(model=name, pairs=len(p_tot), passes_prune_s=statistics.median(p_tot), passes_analyze_s=statistics.median(p_an),
                    tp_total_s=statistics.median(t_tot), tp_graph_s=statistics.median(t_build),
                    passes_release_s=statistics.median(p_rel))
         pairs = [t / p for p, t in zip(p_tot, t_tot)]  # each TP run against the passes run just before it
         row["speedup"] = statistics.median(pairs)
         row["speedup_min_max"] = (min(pairs), max(pairs))
+        row["speedup_quartiles"] = tuple(statistics.quantiles(pairs, n=4)[::2])  # first and third
         row["runs_s"] = dict(passes=p_tot, tp=t_tot)
         row["passes_stages_s"] = {k: statistics.median(st[k] for st in p_stages) for k in p_stages[0]}
         rows.append(row)
@@ -173,24 +184,26 @@ def write(rows, args, argv):
     command = " ".join(["python benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "speed.json").write_text(json.dumps(dict(command=command, machine=machine, size=args.size,
-                                                        repeats=args.repeats, rows=rows), indent=1))
+                                                        repeats=args.repeats, budget_s=args.budget, rows=rows), indent=1))
     lines = ["# Analysis + rewrite time: passes vs Torch-Pruning", "",
              f"Command: `{command}`  ", f"Machine: {machine}  ",
-             f"Input 1x3x{args.size}x{args.size}, ratio 0.5, local L2, classifier ignored, {args.repeats} "
-             "interleaved runs of each tool, both in place on a fresh copy, garbage collected before each run; "
-             "the copy's original weights are held by the benchmark during each run, so freeing them is in "
+             f"Input 1x3x{args.size}x{args.size}, ratio 0.5, local L2, classifier ignored, up to {args.repeats} "
+             f"interleaved pairs of runs per model (fewer once a model's pairs took {args.budget:.0f} s), both "
+             "in place on a fresh copy, garbage collected before each run; the copy's original weights are held by the benchmark during each run, so freeing them is in "
              "neither time (Torch-Pruning keeps them referenced until its pruner is collected; passes drops "
              "them at the end of the rewrite: the last column is what that release took after passes' run). "
              "Times are medians; TP / passes is the median of the per-pair ratios (a TP run over the passes "
-             "run just before it), then the smallest and largest pair. The load average is the machine's at "
-             "the end of the run; the machine is shared, so ratios from different runs differ.", "",
+             "run just before it), then the first and third quartiles and the smallest and largest pair. The "
+             "load average is the machine's at the end of the run; the machine is shared, so ratios from "
+             "different runs differ.", "",
              "| model | passes prune (s) | passes analyze (s) | Torch-Pruning graph+step (s) | TP graph (s) "
-             "| TP / passes | pairs min-max | passes: release of the original weights (ms) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| pairs | TP / passes | pairs q1-q3 | pairs min-max | passes: release of the original weights (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lo, hi = r["speedup_min_max"]
+        (lo, hi), (q1, q3) = r["speedup_min_max"], r["speedup_quartiles"]
         lines.append(f"| {r['model']} | {r['passes_prune_s']:.3f} | {r['passes_analyze_s']:.3f} | {r['tp_total_s']:.3f} "
-                     f"| {r['tp_graph_s']:.3f} | {r['speedup']:.2f}x | {lo:.2f}-{hi:.2f}x | {r['passes_release_s'] * 1000:.1f} |")
+                     f"| {r['tp_graph_s']:.3f} | {r['pairs']} | {r['speedup']:.2f}x | {q1:.2f}-{q3:.2f}x | {lo:.2f}-{hi:.2f}x "
+                     f"| {r['passes_release_s'] * 1000:.1f} |")
     stages = list(rows[0]["passes_stages_s"]) if rows else []
     lines += ["", "Where passes' prune time goes (median ms per stage; stages that run twice are summed):", "",
               "| model | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]

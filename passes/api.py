@@ -135,18 +135,26 @@ def _widths(named_modules) -> dict[str, tuple[str, tuple]]:
     """Per module with a weight: (type, weight shape); attention reports its input projection."""
     out = {}
     for n, m in named_modules:
-        w = _tensor_attr(m, "in_proj_weight")
-        w = w if w is not None else _tensor_attr(m, "weight")
+        w = _weight(m)
         if w is not None:
             out[n] = (type(m).__name__, tuple(w.shape))
     return out
 
 
-def _tensor_attr(m: torch.nn.Module, name: str) -> torch.Tensor | None:
-    """`m.<name>` if it is a tensor, else None (a name most modules lack, read without an
-    exception: most of the report's time on a model of plain layers)."""
-    v = module_attr(m, name, None)
-    return v if isinstance(v, torch.Tensor) else None
+def _weight(m: torch.nn.Module) -> torch.Tensor | None:
+    """`m.in_proj_weight`, else `m.weight`, if it is a tensor, else None. A layer's weight
+    parameter is read from its table at once; any other module looks both names up as
+    attributes (a buffer, a plain tensor, a property), without an exception for a missing one."""
+    params = m._parameters
+    if "in_proj_weight" not in params:
+        w = params.get("weight")
+        if w is not None and "weight" not in vars(m) and not hasattr(type(m), "weight"):
+            return w
+    for name in ("in_proj_weight", "weight"):
+        v = module_attr(m, name, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    return None
 
 
 def prune(model: torch.nn.Module, example_inputs, *, ratio: float = 0.5, importance: str = "l2",
@@ -289,7 +297,7 @@ def _finish(reference, cg, removed, plan, inputs, caller_model, verify, atol, rt
     if caller_model is not None and new is not caller_model:
         new = cg.traced.gm = modules[""] = _become(caller_model, new)
     params1 = count_module_params(modules.values())
-    widths1 = _widths(modules.items())
+    widths1 = _widths((n, modules[n]) for n in widths0 if n in modules)  # the layers reported
     layers = [LayerWidth(n, k, s, widths1.get(n, (k, s))[1]) for n, (k, s) in widths0.items()]
     report = Report(params0, params1, macs0, macs1, layers, cg.pinned(), len(cg.units), len(removed))
     result = PruneResult(new, plan, report, cg, removed)

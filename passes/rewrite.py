@@ -141,13 +141,18 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray) -> dict[int, torch.Tens
     return new_by_old
 
 
+_BLOCKS_MIN = 1 << 18  # elements: below this a row cut then a column cut was faster
+
+
 def _blocks(t: torch.Tensor, keep: list) -> bool:
-    """A contiguous tensor cut in its first two dims whose trailing dims hold blocks of at least
-    4 values (a conv kernel): taking whole blocks by their flat (row, column) index is one copy,
-    measured at half the time of a row cut followed by a column cut on resnet50's 3x3 convs
-    (while for 1x1 kernels and matrices, element by element, it was slower)."""
+    """A contiguous tensor of at least `_BLOCKS_MIN` values cut in its first two dims whose
+    trailing dims hold blocks of at least 4 values (a conv kernel): taking whole blocks by their
+    flat (row, column) index is one copy, measured at 0.6x the time of a row cut followed by a
+    column cut on a 512x512x3x3 conv, 0.8x on 256x256x3x3. For 1x1 kernels and matrices (element
+    by element) it was slower, and so it was for small kernels (2x on 64x64x3x3, 1.3x on
+    128x128x3x3: the crossover was near 330k values)."""
     return (len(keep) == 2 and keep[0][0] == 0 and keep[1][0] == 1 and t.dim() > 2
-            and math.prod(t.shape[2:]) >= 4 and t.is_contiguous())
+            and math.prod(t.shape[2:]) >= 4 and t.numel() >= _BLOCKS_MIN and t.is_contiguous())
 
 
 def _take_blocks(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

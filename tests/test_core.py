@@ -1120,6 +1120,23 @@ def test_report_widths_are_the_pruned_modules_widths(name):
     assert any(l.after != l.before for l in r.report.layers)
 
 
+def test_report_weight_lookup_covers_every_way_a_module_holds_one():
+    """The report's weight of a module: a layer's weight parameter, attention's input projection
+    (none when q, k and v are projected apart), a parametrized weight (a property of the class),
+    a weight buffer; a container has none."""
+    from passes.api import _weight
+
+    lin, mha = nn.Linear(3, 4), nn.MultiheadAttention(8, 2)
+    assert _weight(lin) is lin.weight and _weight(mha) is mha.in_proj_weight
+    assert _weight(nn.MultiheadAttention(8, 2, kdim=4, vdim=4)) is None
+    wn = nn.utils.parametrizations.weight_norm(nn.Linear(3, 4))
+    assert "weight" not in wn._parameters and _weight(wn).shape == (4, 3)
+    held = nn.Module()
+    held.register_buffer("weight", torch.ones(5, 2))
+    assert _weight(held) is held.weight
+    assert _weight(nn.Sequential(lin)) is None
+
+
 class StdConv(nn.Conv2d):
     """Weight standardisation as timm's ScaledStdConv2d does it: batch statistics of the weight
     viewed as [1, out, in * k * k], so each filter's statistics span its input channels."""
