@@ -115,7 +115,7 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray) -> dict[int, torch.Tens
                     shape = (*new.shape[:d], len(idx), *new.shape[d + 1:])
                     new = torch.index_select(new, d, idx, out=scratch[: math.prod(shape)].view(shape))
                 else:
-                    new = new.index_select(d, idx)
+                    new = _select(new, d, idx)
         if isinstance(old, torch.nn.Parameter):
             new = torch.nn.Parameter(new, requires_grad=old.requires_grad)  # index_select copied
         new_by_old[id(old)] = new
@@ -139,6 +139,20 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray) -> dict[int, torch.Tens
                     if id(v) in new_by_old:
                         setattr(mod, k, new_by_old[id(v)])
     return new_by_old
+
+
+def _select(t: torch.Tensor, d: int, idx: torch.Tensor) -> torch.Tensor:
+    """`t.index_select(d, idx)`. A contiguous tensor whose dims after `d` all have size 1 (a
+    1x1 conv's input channels, a linear layer's columns) is cut as a (rows, columns) matrix by
+    `gather` with the index broadcast over the rows: `index_select` along an inner dim runs on
+    one thread, `gather` on all (resnet50's 37 matrices cut by columns: 3.0-3.6 -> 2.2-3.1 ms
+    in total; with trailing values, as a 3x3 kernel's, `gather` was 6x slower)."""
+    shape = t.shape
+    rows = math.prod(shape[:d])
+    if d == 0 or rows == 1 or math.prod(shape[d + 1:]) != 1 or not t.is_contiguous():
+        return t.index_select(d, idx)
+    out = torch.gather(t.view(rows, shape[d]), 1, idx.expand(rows, -1))
+    return out.view(*shape[:d], len(idx), *shape[d + 1:])
 
 
 _BLOCKS_MIN = 1 << 18  # elements: below this a row cut then a column cut was faster
