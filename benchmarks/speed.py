@@ -158,9 +158,9 @@ def main(argv=None):
             p_tot.append(a), p_an.append(b), p_stages.append(st), p_rel.append(rel)
             a, b = time_tp(model, x)
             t_tot.append(a), t_build.append(b)
-        row = dict(model=name, pairs=len(p_tot), passes_prune_s=statistics.median(p_tot), passes_analyze_s=statistics.median(p_an),
-                   tp_total_s=statistics.median(t_tot), tp_graph_s=statistics.median(t_build),
-                   passes_release_s=statistics.median(p_rel))
+        row = dict(model=name, pairs=len(p_tot), passes_prune_s=statistics.median(p_tot),
+                   passes_analyze_s=statistics.median(p_an), tp_total_s=statistics.median(t_tot),
+                   tp_graph_s=statistics.median(t_build), passes_release_s=statistics.median(p_rel))
         pairs = [t / p for p, t in zip(p_tot, t_tot)]  # each TP run against the passes run just before it
         row["speedup"] = statistics.median(pairs)
         row["speedup_min_max"] = (min(pairs), max(pairs))
@@ -183,15 +183,16 @@ def write(rows, args, argv):
                    torch=torch.__version__, torchvision=torchvision.__version__, torch_pruning=tp.__version__)
     command = " ".join(["python benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "speed.json").write_text(json.dumps(dict(command=command, machine=machine, size=args.size,
-                                                        repeats=args.repeats, budget_s=args.budget, rows=rows), indent=1))
+    (RESULTS / "speed.json").write_text(json.dumps(dict(command=command, machine=machine, size=args.size, repeats=args.repeats,
+                                                        budget_s=args.budget, rows=rows), indent=1))
     lines = ["# Analysis + rewrite time: passes vs Torch-Pruning", "",
              f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Input 1x3x{args.size}x{args.size}, ratio 0.5, local L2, classifier ignored, up to {args.repeats} "
              f"interleaved pairs of runs per model (fewer once a model's pairs took {args.budget:.0f} s), both "
-             "in place on a fresh copy, garbage collected before each run; the copy's original weights are held by the benchmark during each run, so freeing them is in "
-             "neither time (Torch-Pruning keeps them referenced until its pruner is collected; passes drops "
-             "them at the end of the rewrite: the last column is what that release took after passes' run). "
+             "in place on a fresh copy, garbage collected before each run; the copy's original weights are "
+             "held by the benchmark during each run, so freeing them is in neither time (Torch-Pruning keeps "
+             "them referenced until its pruner is collected; passes drops them at the end of the rewrite: the "
+             "last column is what that release took after passes' run). "
              "Times are medians; TP / passes is the median of the per-pair ratios (a TP run over the passes "
              "run just before it), then the first and third quartiles and the smallest and largest pair. The "
              "load average is the machine's at the end of the run; the machine is shared, so ratios from "
@@ -202,8 +203,8 @@ def write(rows, args, argv):
     for r in rows:
         (lo, hi), (q1, q3) = r["speedup_min_max"], r["speedup_quartiles"]
         lines.append(f"| {r['model']} | {r['passes_prune_s']:.3f} | {r['passes_analyze_s']:.3f} | {r['tp_total_s']:.3f} "
-                     f"| {r['tp_graph_s']:.3f} | {r['pairs']} | {r['speedup']:.2f}x | {q1:.2f}-{q3:.2f}x | {lo:.2f}-{hi:.2f}x "
-                     f"| {r['passes_release_s'] * 1000:.1f} |")
+                     f"| {r['tp_graph_s']:.3f} | {r['pairs']} | {r['speedup']:.2f}x | {q1:.2f}-{q3:.2f}x "
+                     f"| {lo:.2f}-{hi:.2f}x | {r['passes_release_s'] * 1000:.1f} |")
     stages = list(rows[0]["passes_stages_s"]) if rows else []
     lines += ["", "Where passes' prune time goes (median ms per stage; stages that run twice are summed):", "",
               "| model | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
