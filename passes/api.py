@@ -142,14 +142,8 @@ def _widths(named_modules) -> dict[str, tuple[str, tuple]]:
 
 
 def _weight(m: torch.nn.Module) -> torch.Tensor | None:
-    """`m.in_proj_weight`, else `m.weight`, if it is a tensor, else None. A layer's weight
-    parameter is read from its table at once; any other module looks both names up as
-    attributes (a buffer, a plain tensor, a property), without an exception for a missing one."""
-    params = m._parameters
-    if "in_proj_weight" not in params:
-        w = params.get("weight")
-        if w is not None and "weight" not in vars(m) and not hasattr(type(m), "weight"):
-            return w
+    """`m.in_proj_weight`, else `m.weight`, if it is a tensor, else None (a parameter, a buffer,
+    a plain tensor or a property: `module_attr`, without an exception for a missing name)."""
     for name in ("in_proj_weight", "weight"):
         v = module_attr(m, name, None)
         if isinstance(v, torch.Tensor):

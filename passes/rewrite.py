@@ -149,7 +149,7 @@ def _select(t: torch.Tensor, d: int, idx: torch.Tensor) -> torch.Tensor:
     in total; with trailing values, as a 3x3 kernel's, `gather` was 6x slower)."""
     shape = t.shape
     rows = math.prod(shape[:d])
-    if d == 0 or rows == 1 or math.prod(shape[d + 1:]) != 1 or not t.is_contiguous():
+    if rows == 1 or math.prod(shape[d + 1:]) != 1 or not t.is_contiguous():  # rows == 1: also dim 0
         return t.index_select(d, idx)
     out = torch.gather(t.view(rows, shape[d]), 1, idx.expand(rows, -1))
     return out.view(*shape[:d], len(idx), *shape[d + 1:])
