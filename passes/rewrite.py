@@ -100,10 +100,13 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray) -> dict[int, torch.Tens
         if old is None:
             old = attr_at(gm, name)
         work.append((name, old, keep, _blocks(old, keep)))
-    # a tensor cut in several dims passes through intermediates: one reused buffer holds them
-    # (fresh memory for each was a page fault per 4 KiB, the larger part of the time on ViT-B)
-    sizes = [math.prod(old.shape[d + 1:]) * len(i) * math.prod(old.shape[:d]) for _, old, keep, blocks in work
-             for d, i in keep[:1] if len(keep) > 1 and not blocks]
+    # a tensor cut in several dims passes through intermediates: one reused buffer holds the large
+    # ones (fresh memory for each was a page fault per 4 KiB, the larger part of the time on
+    # ViT-B); one under `_SCRATCH_MIN` values is a fresh tensor, which malloc serves from memory
+    # it holds, while a view of the buffer costs more than the copy into it (a 32x64x1x1
+    # intermediate: 7.5 us through the buffer, 3.0 us fresh)
+    sizes = [n for _, old, keep, blocks in work for d, i in keep[:1] if len(keep) > 1 and not blocks
+             if (n := math.prod(old.shape[d + 1:]) * len(i) * math.prod(old.shape[:d])) >= _SCRATCH_MIN]
     scratch = torch.empty(max(sizes, default=0), dtype=torch.float32)
     for name, old, keep, blocks in work:
         if blocks:
@@ -113,9 +116,10 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray) -> dict[int, torch.Tens
             for j, (d, idx) in enumerate(keep):
                 if j == 0 and len(keep) > 1 and new.dtype == scratch.dtype:
                     shape = (*new.shape[:d], len(idx), *new.shape[d + 1:])
-                    new = torch.index_select(new, d, idx, out=scratch[: math.prod(shape)].view(shape))
-                else:
-                    new = _select(new, d, idx)
+                    if (n := math.prod(shape)) >= _SCRATCH_MIN:
+                        new = torch.index_select(new, d, idx, out=scratch[:n].view(shape))
+                        continue
+                new = _select(new, d, idx)
         if isinstance(old, torch.nn.Parameter):
             new = torch.nn.Parameter(new, requires_grad=old.requires_grad)  # index_select copied
         new_by_old[id(old)] = new
@@ -141,15 +145,21 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray) -> dict[int, torch.Tens
     return new_by_old
 
 
+_SCRATCH_MIN = 1 << 15  # elements: a smaller intermediate is a fresh tensor (see slice_tensors)
+_GATHER_MIN = 3 << 14  # output elements: below this `index_select` was faster than `gather`
+
+
 def _select(t: torch.Tensor, d: int, idx: torch.Tensor) -> torch.Tensor:
     """`t.index_select(d, idx)`. A contiguous tensor whose dims after `d` all have size 1 (a
     1x1 conv's input channels, a linear layer's columns) is cut as a (rows, columns) matrix by
-    `gather` with the index broadcast over the rows: `index_select` along an inner dim runs on
-    one thread, `gather` on all (resnet50's 37 matrices cut by columns: 3.0-3.6 -> 2.2-3.1 ms
-    in total; with trailing values, as a 3x3 kernel's, `gather` was 6x slower)."""
+    `gather` with the index broadcast over the rows, when it yields at least `_GATHER_MIN`
+    values: `index_select` along an inner dim runs on one thread, `gather` on all (resnet50's
+    37 matrices cut by columns: 3.0-3.6 -> 2.2-3.1 ms in total), but below that size its
+    set-up cost more than the second thread gained; with trailing values, as a 3x3 kernel's,
+    `gather` was 6x slower."""
     shape = t.shape
     rows = math.prod(shape[:d])
-    if rows == 1 or math.prod(shape[d + 1:]) != 1 or not t.is_contiguous():  # rows == 1: also dim 0
+    if rows == 1 or rows * len(idx) < _GATHER_MIN or math.prod(shape[d + 1:]) != 1 or not t.is_contiguous():
         return t.index_select(d, idx)
     out = torch.gather(t.view(rows, shape[d]), 1, idx.expand(rows, -1))
     return out.view(*shape[:d], len(idx), *shape[d + 1:])
