@@ -155,11 +155,12 @@ class Ctx:
 
     def tie(self, t: torch.Tensor, labels: L.Labels, reason: str) -> None:
         """Tensor `t` carries exactly `labels` (e.g. a norm's per-channel parameters). The first
-        time it is seen its labels are copies of `labels` (no fresh atoms, nothing to unite);
-        after that each dim is unified with them."""
+        time it is seen its labels are those very arrays (no fresh atoms, nothing to unite; label
+        arrays are never written to, and `Segments` counts an array shared by several tensors
+        once); after that each dim is unified with them."""
         key = self.tensor_names.get(id(t))
         if key is not None and key not in self.param_labels:
-            self.param_labels[key] = tuple(a.copy() for a in labels)
+            self.param_labels[key] = tuple(labels)
             return
         for a, b in zip(self.tensor_labels(t), labels):
             self.unify(a, b, reason)
@@ -387,7 +388,7 @@ def _removable(cg: ChannelGraph) -> int:
     """Parameter rows and columns (positions of labelled parameter dims) in removable units."""
     unit = np.zeros(cg.uf.size, dtype=bool)
     unit[cg.units] = True
-    return int(unit[cg.roots[cg.param_segments.atoms]].sum())
+    return int(cg.param_segments.count(unit[cg.roots])[0].sum())
 
 
 def _analyze(traced: Traced, split_parts: dict) -> ChannelGraph:

@@ -92,31 +92,52 @@ def unique(a: np.ndarray, return_counts: bool = False):
 
 class Segments:
     """Label arrays concatenated once, to count flagged atoms per array in one vectorised pass
-    (one gather, one cumulative sum read at the array ends) however many arrays there are."""
+    (one gather, one cumulative sum read at the array ends) however many arrays there are.
+
+    An array listed under several keys (a norm's weight, bias and running statistics carry the
+    very array of the channels they scale, `Ctx.tie`) is concatenated once: counts and
+    positions are made per distinct array and handed to each of its keys (resnet50: 159,561
+    parameter label positions, 53,321 distinct; a count over them 0.43 -> 0.09 ms, locating
+    the cut positions 0.52 -> 0.28 ms)."""
 
     def __init__(self, arrays: Sequence[np.ndarray], keys: Sequence = ()):
         self.arrays, self.keys = list(arrays), list(keys)
         self.lengths = np.fromiter(map(len, self.arrays), dtype=np.int64, count=len(self.arrays))
-        self.ends = np.cumsum(self.lengths)
-        self.atoms = np.concatenate(self.arrays) if self.arrays else np.zeros(0, np.int64)
-        # running counts in int32 when they fit: half the memory of int64 (resnet50's 265,492
-        # activation atoms: 0.9 -> 0.7 ms per count inside a prune; 3.8 -> 0.4 ms when counted
-        # repeatedly alone, where the int64 sum's 2 MB were fresh pages on every call)
+        distinct = {id(a): a for a in self.arrays}
+        if len(distinct) == len(self.arrays):
+            self._slot = None  # each array once: per key = per distinct array
+            own = self.arrays
+        else:
+            index = {k: i for i, k in enumerate(distinct)}
+            self._slot = np.fromiter((index[id(a)] for a in self.arrays), dtype=np.int64, count=len(self.arrays))
+            own = list(distinct.values())
+        self._lengths = self.lengths if self._slot is None else np.fromiter(map(len, own), dtype=np.int64, count=len(own))
+        self._ends = np.cumsum(self._lengths)
+        self.atoms = np.concatenate(own) if own else np.zeros(0, np.int64)  # each distinct array once
+        # running counts in int32 when they fit: half the memory of int64 (0.9 -> 0.7 ms per count
+        # of 265,492 positions inside a prune; 3.8 -> 0.4 ms when counted repeatedly alone, where
+        # the int64 sum's 2 MB were fresh pages on every call)
         self._count_type = np.int32 if self.atoms.size < 2**31 else np.int64
 
     def count(self, atom_flag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(flagged atoms per array, the flags of all arrays concatenated)."""
+        """(flagged atoms per array, the flags of the distinct arrays concatenated)."""
         flat = atom_flag[self.atoms]
         total = np.zeros(flat.size + 1, dtype=self._count_type)
         np.cumsum(flat, dtype=self._count_type, out=total[1:])
-        return (total[self.ends] - total[self.ends - self.lengths]).astype(np.int64, copy=False), flat
+        counts = (total[self._ends] - total[self._ends - self._lengths]).astype(np.int64, copy=False)
+        return (counts if self._slot is None else counts[self._slot]), flat
 
     def positions(self, flat: np.ndarray, counts: np.ndarray, which: np.ndarray) -> list[np.ndarray]:
         """For the arrays `which` (indices): the positions inside each whose flag in `flat` is
         set, given `counts`, the set flags per array (`flat` and `counts` as `count` returns
         them, or their complements). One nonzero pass over the concatenation; each hit's offset
-        is that of its array, repeated per hit; the arrays' positions are then slices."""
-        hits = np.flatnonzero(flat) - np.repeat(self.ends - self.lengths, counts)
+        is that of its array, repeated per hit; the arrays' positions are then slices (one
+        array's, the same object, for all of its keys)."""
+        if self._slot is not None:  # per distinct array (its keys' counts are equal)
+            own = np.zeros(len(self._lengths), dtype=np.int64)
+            own[self._slot] = counts
+            counts, which = own, self._slot[which]
+        hits = np.flatnonzero(flat) - np.repeat(self._ends - self._lengths, counts)
         bounds = np.concatenate([[0], np.cumsum(counts)])
         return [hits[a:b] for a, b in zip(bounds[which].tolist(), bounds[which + 1].tolist())]
 

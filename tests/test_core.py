@@ -331,21 +331,29 @@ def test_plan_lists_are_what_counts_once_read(tmp_path):
     assert passes.prune(model, x, ratio=0.5).plan != plan
 
 
-def test_segments_count_and_locate_like_a_loop_over_the_arrays():
+@pytest.mark.parametrize("shared", [False, True])
+def test_segments_count_and_locate_like_a_loop_over_the_arrays(shared):
     """labels.Segments counts flagged atoms per array in one pass over the concatenation (a
     running count, int32 when it fits) and locates them: both equal a plain loop per array,
-    with empty arrays, repeated atoms and all-flagged and unflagged arrays among them."""
+    with empty arrays, repeated atoms and all-flagged and unflagged arrays among them; with
+    `shared`, some arrays are listed several times (as a norm's tensors share their channels'
+    array), are concatenated once, and each listing gets the array's counts and positions."""
     from passes.labels import Segments
 
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 50, size=n) for n in [0, 1, 7, 0, 300, 5, 64, 2]]
     arrays.append(np.arange(50))
+    distinct = list(arrays)
+    if shared:
+        arrays = [arrays[6], *arrays[:5], arrays[6], arrays[0], arrays[4], *arrays[5:], arrays[6]]
     flag = rng.random(50) < 0.4
-    flag[arrays[1]] = False
+    flag[distinct[1]] = False
     seg = Segments(arrays)
     counts, flat = seg.count(flag)
     assert counts.dtype == np.int64 and counts.tolist() == [int(flag[a].sum()) for a in arrays]
-    assert flat.tolist() == np.concatenate([flag[a] for a in arrays]).tolist()
+    order = list({id(a): a for a in arrays}.values())  # each distinct array once, first listing first
+    assert len(order) == len(distinct) and seg.atoms.size == sum(map(len, distinct))
+    assert flat.tolist() == np.concatenate([flag[a] for a in order]).tolist()
     which = np.flatnonzero(counts)
     found = seg.positions(flat, counts, which)
     assert [p.tolist() for p in found] == [np.flatnonzero(flag[arrays[i]]).tolist() for i in which]
