@@ -15,8 +15,9 @@ from .channels import ChannelGraph, analyze_graph
 from .count import count_module_params
 from .errors import InputError, PlanError, VerificationError, first_line
 from .labels import unique
+from .modules import module_attr
 from .plan import Plan, keep_every_dim, select
-from .trace import as_inputs, call_whole, check_model, module_attr, part_inputs, trace
+from .trace import as_inputs, call_whole, check_model, part_inputs, trace
 from .verify import VerifyReport, verify as _verify
 
 

@@ -29,6 +29,7 @@ import torch.fx as fx
 
 from . import labels as L
 from .errors import AnalysisError
+from .modules import module_attr
 from .trace import Traced
 
 
@@ -166,7 +167,7 @@ class Ctx:
             self.unify(a, b, reason)
 
     def param(self, module: torch.nn.Module, attr: str) -> L.Labels | None:
-        t = getattr(module, attr, None)
+        t = module_attr(module, attr, None)
         return None if t is None else self.tensor_labels(t)
 
     def mark_active(self, *arrays: np.ndarray) -> None:
@@ -180,7 +181,7 @@ class Ctx:
         self.producers.append((name, atoms))
 
     def mark_passive(self, module: torch.nn.Module | None, attr_or_tensor: Any, *dims: int) -> None:
-        t = getattr(module, attr_or_tensor, None) if module is not None else attr_or_tensor
+        t = module_attr(module, attr_or_tensor, None) if module is not None else attr_or_tensor
         if isinstance(t, torch.Tensor):
             name = self.tensor_names.get(id(t))
             for d in dims or range(t.dim()):

@@ -6,6 +6,9 @@ ties the query width, the q/k head width, the v head width and the output width 
 names (`in_proj_weight`, `in_proj_bias`, `out_proj.weight`, `out_proj.bias`), call signature
 and return value `(output, weights)`, and keeps the original softmax scale, so a pruned model
 equals the masked original. It exports to ONNX as plain MatMul/Softmax ops.
+
+Also here: `module_attr`, the attribute read of a module that the tracer, the shape formulas
+and the report use in place of getattr.
 """
 
 from __future__ import annotations
@@ -13,6 +16,27 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def module_attr(m: nn.Module, name: str, *default):
+    """getattr(m, name[, default]), with a parameter, buffer, submodule or plain attribute read
+    from its table directly: a name nn.Module.__getattr__ would look up costs no Python call,
+    and a missing one with a default no caught AttributeError. A name the class has (a
+    property, as parametrizations add) goes through getattr, and so does a missing name of a
+    class with its own __getattr__."""
+    if name in m.__dict__:
+        return m.__dict__[name]
+    kind = type(m)
+    if not hasattr(kind, name):
+        for table in (m._parameters, m._buffers, m._modules):
+            if name in table:
+                return table[name]
+        if default and kind.__getattr__ is _MODULE_GETATTR:  # nn.Module's would raise AttributeError
+            return default[0]
+    return getattr(m, name, *default)
+
+
+_MODULE_GETATTR = nn.Module.__getattr__
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:

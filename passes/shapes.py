@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import SlimMultiheadAttention
+from .modules import SlimMultiheadAttention, module_attr
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
                 nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Softplus)
@@ -190,9 +190,10 @@ def _module(m: nn.Module, x: torch.Tensor):
         return x, 0  # the input itself, as eval-mode dropout and Identity return it
     if kind in _ACTIVATIONS:
         return meta_like(x), 0
-    if kind in _BN_DIMS:
-        ok = (x.dim() in _BN_DIMS[kind] and m.running_mean is not None and x.shape[1] == len(m.running_mean)
-              and x.is_contiguous() and (m.weight is None or (m.weight.dtype == x.dtype and len(m.weight) == x.shape[1])))
+    if kind in _BN_DIMS:  # (tensors read once each, through `module_attr`: nn.Module's getattr is a Python call)
+        mean, w = module_attr(m, "running_mean", None), module_attr(m, "weight", None)
+        ok = (x.dim() in _BN_DIMS[kind] and mean is not None and x.shape[1] == len(mean)
+              and x.is_contiguous() and (w is None or (w.dtype == x.dtype and len(w) == x.shape[1])))
         return (meta_like(x), 0) if ok else None
     if kind is nn.LayerNorm:  # its kernel writes a contiguous output whatever the input layout
         ns = tuple(m.normalized_shape)
@@ -204,8 +205,9 @@ def _module(m: nn.Module, x: torch.Tensor):
               and (m.weight is None or (m.weight.dtype == x.dtype and len(m.weight) == x.shape[1])))
         return (meta_like(x), 0) if ok else None
     if kind is nn.Linear:
-        out_f, in_f = m.weight.shape  # the weight decides, as in F.linear, not the attributes
-        if x.dim() < 2 or x.shape[-1] != in_f or m.weight.dtype != x.dtype:
+        w = module_attr(m, "weight")
+        out_f, in_f = w.shape  # the weight decides, as in F.linear, not the attributes
+        if x.dim() < 2 or x.shape[-1] != in_f or w.dtype != x.dtype:
             return None
         return _meta((*x.shape[:-1], out_f), x.dtype), math.prod(x.shape[:-1]) * in_f * out_f
     if kind in _CONV_DIMS:
@@ -277,7 +279,7 @@ def _flatten(args: tuple, kwargs: dict):
 
 
 def _conv(m, x: torch.Tensor, nd: int):
-    w = m.weight  # the weight decides channels and kernel, as in F.conv*d, not the attributes
+    w = module_attr(m, "weight")  # the weight decides channels and kernel, as in F.conv*d, not the attributes
     if (x.dim() != nd + 2 or w.dim() != nd + 2 or x.shape[1] != w.shape[1] * m.groups
             or w.shape[0] % m.groups or m.padding_mode != "zeros" or w.dtype != x.dtype):
         return None

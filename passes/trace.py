@@ -30,7 +30,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import InputError, TraceError, first_line
-from .modules import SlimMultiheadAttention
+from .modules import SlimMultiheadAttention, module_attr
 from .shapes import fast_meta, meta_like
 
 _SUPPORTED_DTYPES = (torch.float32,)
@@ -613,27 +613,6 @@ def graph_module(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.
     if graph._tracer_extras:
         gm._tracer_extras = graph._tracer_extras
     return gm
-
-
-def module_attr(m: torch.nn.Module, name: str, *default):
-    """getattr(m, name[, default]), with a parameter, buffer, submodule or plain attribute read
-    from its table directly: a name nn.Module.__getattr__ would look up costs no Python call,
-    and a missing one with a default no caught AttributeError. A name the class has (a
-    property, as parametrizations add) goes through getattr, and so does a missing name of a
-    class with its own __getattr__."""
-    if name in m.__dict__:
-        return m.__dict__[name]
-    kind = type(m)
-    if not hasattr(kind, name):
-        for table in (m._parameters, m._buffers, m._modules):
-            if name in table:
-                return table[name]
-        if default and kind.__getattr__ is _MODULE_GETATTR:  # nn.Module's would raise AttributeError
-            return default[0]
-    return getattr(m, name, *default)
-
-
-_MODULE_GETATTR = torch.nn.Module.__getattr__
 
 
 def _holds(m: torch.nn.Module, name: str) -> bool:

@@ -18,6 +18,7 @@ import torch
 
 from .. import labels as L
 from ..channels import attr_at
+from ..modules import module_attr
 from .base import UNKNOWN, Rule, arg, set_arg
 
 
@@ -170,7 +171,7 @@ def _embedding_sizes(m):
 def _channel_params(ctx, m, x_ch, names):
     reason = ctx.why("norm parameter")
     for name in names:
-        t = getattr(m, name, None)
+        t = module_attr(m, name, None)
         if isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape[0] == len(x_ch):
             ctx.tie(t, (x_ch,), reason)
             ctx.mark_passive(None, t)
