@@ -94,32 +94,34 @@ def slice_tensors(cg: ChannelGraph, removed: np.ndarray) -> dict[int, torch.Tens
     cut: dict[str, list] = {}  # name -> [(dim, kept indices)] for the dims that lose positions
     for name, d, kept in cut_dims(cg, removed, kept=True):
         cut.setdefault(name, []).append((d, torch.from_numpy(kept)))
+    # a tensor cut in several dims passes through an intermediate (its first cut): one reused
+    # buffer holds the large ones (fresh memory for each was a page fault per 4 KiB, the larger
+    # part of the time on ViT-B); one under `_SCRATCH_MIN` values is a fresh tensor, which malloc
+    # serves from memory it holds, while a view of the buffer costs more than the copy into it
+    # (a 32x64x1x1 intermediate: 7.5 us through the buffer, 3.0 us fresh)
     work = []
     for name, keep in cut.items():
         old = owned.get(name)
         if old is None:
             old = attr_at(gm, name)
-        work.append((name, old, keep, _blocks(old, keep)))
-    # a tensor cut in several dims passes through intermediates: one reused buffer holds the large
-    # ones (fresh memory for each was a page fault per 4 KiB, the larger part of the time on
-    # ViT-B); one under `_SCRATCH_MIN` values is a fresh tensor, which malloc serves from memory
-    # it holds, while a view of the buffer costs more than the copy into it (a 32x64x1x1
-    # intermediate: 7.5 us through the buffer, 3.0 us fresh)
-    sizes = [n for _, old, keep, blocks in work for d, i in keep[:1] if len(keep) > 1 and not blocks
-             if (n := math.prod(old.shape[d + 1:]) * len(i) * math.prod(old.shape[:d])) >= _SCRATCH_MIN]
-    scratch = torch.empty(max(sizes, default=0), dtype=torch.float32)
-    for name, old, keep, blocks in work:
+        blocks, mid = _blocks(old, keep), 0  # mid: the intermediate's size, if in the buffer
+        if len(keep) > 1 and not blocks and old.dtype == torch.float32:
+            d, idx = keep[0]
+            n = math.prod(old.shape[:d]) * len(idx) * math.prod(old.shape[d + 1:])
+            mid = n if n >= _SCRATCH_MIN else 0
+        work.append((name, old, keep, blocks, mid))
+    scratch = torch.empty(max((mid for *_, mid in work), default=0), dtype=torch.float32)
+    for name, old, keep, blocks, mid in work:
         if blocks:
             new = _take_blocks(old, keep[0][1], keep[1][1])
         else:
             new = old
             for j, (d, idx) in enumerate(keep):
-                if j == 0 and len(keep) > 1 and new.dtype == scratch.dtype:
+                if j == 0 and mid:
                     shape = (*new.shape[:d], len(idx), *new.shape[d + 1:])
-                    if (n := math.prod(shape)) >= _SCRATCH_MIN:
-                        new = torch.index_select(new, d, idx, out=scratch[:n].view(shape))
-                        continue
-                new = _select(new, d, idx)
+                    new = torch.index_select(new, d, idx, out=scratch[:mid].view(shape))
+                else:
+                    new = _select(new, d, idx)
         if isinstance(old, torch.nn.Parameter):
             new = torch.nn.Parameter(new, requires_grad=old.requires_grad)  # index_select copied
         new_by_old[id(old)] = new
