@@ -410,6 +410,29 @@ def test_importance_criteria(criterion):
     assert a.plan.removed == b.plan.removed and a.report.verify.ok
 
 
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+@pytest.mark.parametrize("name", ["residual", "concat", "norms", "loose_params", "hand_attention", "mha_batch_first"])
+def test_scores_sum_the_norm_of_every_slice(name, criterion):
+    """Each unit's score, from the batched computation (tensors taken in reverse order, their
+    sums joined), equals a direct loop: every parameter dim, every slice's norm (l1: sum of
+    |w|, l2: root of the sum of squares) added to the unit of that position."""
+    from passes.importance import scores
+
+    model, x = _build(name)
+    cg = passes.analyze(model, x)
+    expected = np.zeros(cg.uf.size)
+    for pname, t in cg.traced.params.items():
+        w = t.detach().double()
+        for d, arr in enumerate(cg.param_labels.get(pname, ())):
+            rest = [i for i in range(w.dim()) if i != d]
+            slices = w.abs().sum(rest) if criterion == "l1" else w.square().sum(rest).sqrt()
+            if w.dim() == 1:
+                slices = w.abs()
+            np.add.at(expected, cg.roots[arr], slices.numpy())
+    got = scores(cg, criterion)
+    assert len(cg.units) and np.allclose(got[cg.units], expected[cg.units], rtol=1e-5, atol=0)
+
+
 def test_l2_keeps_the_strong_channels():
     model, x = _build("flatten_linear")
     with torch.no_grad():
