@@ -1000,17 +1000,36 @@ def test_attention_weights_output_shapes_match_torch(batch_first, average):
         assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("name", [*STRUCTURES, "swin_t", "vit_b_16"])
+class TensorAttrs(nn.Module):
+    """Plain tensor attributes (not parameters or buffers), one of them reached under two names
+    and through a child held twice: the tracer finds each one's attribute name."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.inner.scale = torch.ones(4)
+        self.alias = self.inner  # the child's tensors are reached under two paths
+        self.offset = torch.zeros(4)
+        self.same = self.offset
+
+    def forward(self, x):
+        return self.alias(x) * self.inner.scale + self.same + torch.full((4,), 2.0)
+
+
+@pytest.mark.parametrize("name", [*STRUCTURES, "swin_t", "vit_b_16", "tensor_attrs"])
 def test_tracer_shortcuts_build_fx_own_graph(name):
-    """passes' tracer shortens fx's create_arg/create_node for common values; the graph must
-    be exactly the one torch.fx's own tracer builds (node names, ops, targets, arguments)."""
+    """passes' tracer shortens fx's create_arg/create_node for common values and builds fx's
+    table of tensor attributes its own way; the graph must be exactly the one torch.fx's own
+    tracer builds (node names, ops, targets, arguments)."""
     import torch.fx as fx
     import torchvision
 
     from passes.trace import _Tracer
 
-    model = STRUCTURES[name][0]() if name in STRUCTURES else torchvision.models.get_model(name, weights=None)
-    ours, theirs = _Tracer().trace(model), fx.Tracer().trace(model)
+    model = STRUCTURES[name][0]() if name in STRUCTURES else TensorAttrs() if name == "tensor_attrs" \
+        else torchvision.models.get_model(name, weights=None)
+    other = copy.deepcopy(model)  # a tensor constant is stored on the root it was traced from
+    ours, theirs = _Tracer().trace(model), fx.Tracer().trace(other)
     assert str(ours) == str(theirs)
     assert [n.meta.get("nn_module_stack") for n in ours.nodes] == [None] * len(ours.nodes)
 
