@@ -76,7 +76,7 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
             with_units.setdefault(name, []).append(d)
     work = [(name, tensors.pop(name), cg.param_labels[name], dims) for name, dims in with_units.items()
             if name in params and name in tensors]
-    sums, sum_roots, vectors, vector_roots = [], [], [], []
+    sums, sum_labels, vectors, vector_labels = [], [], [], []
     if not work:
         check_finite(tensors, inf_ok)
         return out
@@ -85,10 +85,10 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
     for name, t, labs, dims in work:
         if t.dim() == 1:
             vectors.append(t)
-            vector_roots.append(cg.roots[labs[0]])
+            vector_labels.append(labs[0])
         else:
             matrices.append((t, dims))
-            sum_roots += [cg.roots[labs[d]] for d in dims]
+            sum_labels += [labs[d] for d in dims]
     # read the last tensors first: a model just built, loaded or copied has its last-written
     # tensors in cache (a prune right after a copy, interleaved pairs: resnet50 0.98-0.99x,
     # densenet201 0.98x, vit_b_16 0.99x); the sums are joined in the tensors' order
@@ -104,7 +104,7 @@ def scores(cg: ChannelGraph, criterion: str = "l2", seed: int = 0) -> np.ndarray
     if not np.isfinite(norms).all():  # every element is in one slice of each dim: name the tensor
         check_finite({name: t for name, t, _, _ in work})
     check_finite(tensors, inf_ok)
-    return np.bincount(np.concatenate(sum_roots + vector_roots), norms, minlength=cg.uf.size)
+    return np.bincount(cg.roots[np.concatenate(sum_labels + vector_labels)], norms, minlength=cg.uf.size)
 
 
 def float_tensors(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], frozenset]:
