@@ -139,19 +139,33 @@ class Ctx:
             return {k: self.labels(v) for k, v in arg.items()}
         return None
 
-    def tensor_labels(self, t: torch.Tensor, name: str | None = None) -> L.Labels:
+    def tensor_labels(self, t: torch.Tensor, name: str | None = None, share: dict | None = None) -> L.Labels:
         """Labels of a parameter, buffer or constant; fresh atoms the first time it is seen, in
         every dim of more than one position except the kernel dims of a conv module's weight:
         those are never channels, whatever reads the weight (timm's StdConv standardises it
         through a reshape that merges them with the input channels, which had reported each
-        kernel position as a pinned channel)."""
+        kernel position as a pinned channel).
+
+        `share`: dim -> the labels the rule is about to unify that dim with (a layer's input
+        channels, a bias's output rows). The first time the tensor is seen such a dim carries
+        that very array instead of fresh atoms, when every position of it is a channel: the
+        same classes the unification would make, without it (the rule's `unify` of an array
+        with itself returns at once). Where a position is not a channel the dim takes fresh
+        atoms and the unification pins them, as before."""
         key = self.tensor_names.get(id(t)) or name
         if key is None:
             raise AnalysisError(f"tensor of shape {tuple(t.shape)} is not an attribute of the model")
         if key not in self.param_labels:
             channel_dims = 2 if key in self.conv_weights else t.dim()
-            self.param_labels[key] = tuple(
-                self.uf.fresh(s) if s > 1 and d < channel_dims else L.zeros(s) for d, s in enumerate(t.shape))
+            labels = []
+            for d, s in enumerate(t.shape):
+                given = share.get(d) if share else None
+                if s > 1 and d < channel_dims:
+                    labels.append(given if given is not None and len(given) == s and np.count_nonzero(given) == s
+                                  else self.uf.fresh(s))
+                else:
+                    labels.append(L.zeros(s))
+            self.param_labels[key] = tuple(labels)
         return self.param_labels[key]
 
     def tie(self, t: torch.Tensor, labels: L.Labels, reason: str) -> None:
@@ -166,9 +180,10 @@ class Ctx:
         for a, b in zip(self.tensor_labels(t), labels):
             self.unify(a, b, reason)
 
-    def param(self, module: torch.nn.Module, attr: str) -> L.Labels | None:
+    def param(self, module: torch.nn.Module, attr: str, share: dict | None = None) -> L.Labels | None:
+        """Labels of a module's tensor (None if it has none); `share` as in `tensor_labels`."""
         t = module_attr(module, attr, None)
-        return None if t is None else self.tensor_labels(t)
+        return None if t is None else self.tensor_labels(t, share=share)
 
     def mark_active(self, *arrays: np.ndarray) -> None:
         """Channels a leaf module or wrapped function computes internally (attention heads):

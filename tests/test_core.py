@@ -1000,6 +1000,40 @@ def test_attention_weights_output_shapes_match_torch(batch_first, average):
         assert runs[0] == runs[1]
 
 
+def _partition(cg):
+    """Every labelled parameter position (in name, dim, position order) as (its class numbered
+    by first appearance, is it a unit, is it pinned): equal for two analyses that split the
+    channels alike, whatever atom ids they used."""
+    keys = sorted((n, d) for n, labs in cg.param_labels.items() for d in range(len(labs)))
+    roots = np.concatenate([cg.roots[cg.param_labels[n][d]] for n, d in keys])
+    _, first = np.unique(roots, return_index=True)
+    rank = np.empty(cg.uf.size, dtype=np.int64)
+    rank[roots[np.sort(first)]] = np.arange(len(first))
+    unit = np.zeros(cg.uf.size, dtype=bool)
+    unit[cg.units] = True
+    pinned = np.zeros(cg.uf.size, dtype=bool)
+    pinned[cg.pinned_roots] = True
+    return rank[roots].tolist(), unit[roots].tolist(), pinned[roots].tolist()
+
+
+@pytest.mark.parametrize("name", ["residual", "grouped", "norms", "shared", "loose_params", "flatten_linear",
+                                  "mha_batch_first", "hand_attention", "convs", "resnet18"])
+def test_layers_sharing_their_input_labels_split_channels_as_unification_does(name, monkeypatch):
+    """A conv or linear weight's input dim (and a bias) carries, when first seen, the very label
+    array the rule unifies it with, instead of fresh atoms united with it: the channel classes,
+    units and pins must be those the unification makes."""
+    import torchvision
+
+    from passes.channels import Ctx
+
+    model, x = (torchvision.models.resnet18(weights=None).eval(), image(s=64)) if name == "resnet18" else _build(name)
+    shared = _partition(passes.analyze(model, x))
+    plain = Ctx.tensor_labels
+    monkeypatch.setattr(Ctx, "tensor_labels", lambda self, t, name=None, share=None: plain(self, t, name))
+    unified = _partition(passes.analyze(model, x))
+    assert shared == unified and any(shared[1])
+
+
 class TensorAttrs(nn.Module):
     """Plain tensor attributes (not parameters or buffers), one of them reached under two names
     and through a child held twice: the tracer finds each one's attribute name."""

@@ -81,10 +81,13 @@ def conv_labels(ctx, node, x, w, b, groups, pointwise):
 
 def _conv(ctx, node):
     m = ctx.module(node)
-    w, b = ctx.param(m, "weight"), ctx.param(m, "bias")
+    x = ctx.labels(node.args[0])
+    kernel = tuple(m.kernel_size)
+    # the weight's input dim and the bias carry the arrays they are unified with (`tensor_labels`)
+    w = ctx.param(m, "weight", {1: x[len(x) - len(kernel) - 1]} if m.groups == 1 else None)
+    b = ctx.param(m, "bias", {0: w[0]})
     ctx.mark_passive(m, "weight", 1)
-    pointwise = _pointwise(tuple(m.kernel_size), m.stride, m.padding)
-    return conv_labels(ctx, node, ctx.labels(node.args[0]), w, b, m.groups, pointwise)
+    return conv_labels(ctx, node, x, w, b, m.groups, _pointwise(kernel, m.stride, m.padding))
 
 
 def _conv_sizes(m):
@@ -136,7 +139,9 @@ def linear_labels(ctx, x, w, b):
 def _linear(ctx, node):
     m = ctx.module(node)
     ctx.mark_passive(m, "weight", 1)
-    return linear_labels(ctx, ctx.labels(node.args[0]), ctx.param(m, "weight"), ctx.param(m, "bias"))
+    x = ctx.labels(node.args[0])
+    w = ctx.param(m, "weight", {1: x[-1]})  # the arrays they are unified with (`tensor_labels`)
+    return linear_labels(ctx, x, w, ctx.param(m, "bias", {0: w[0]}))
 
 
 def _linear_sizes(m):
