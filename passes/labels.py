@@ -159,8 +159,11 @@ def unify(uf: UnionFind, pin: PinFn, a: np.ndarray, b: np.ndarray, reason: str) 
         return
     if a.shape != b.shape:
         raise ValueError(f"unify: lengths differ ({a.shape[0]} vs {b.shape[0]})")
-    if np.count_nonzero(a) == a.size and np.count_nonzero(b) == b.size:  # two channel dims (the common case)
+    na, nb = np.count_nonzero(a), np.count_nonzero(b)
+    if na == a.size and nb == b.size:  # two channel dims (the common case)
         uf.union(a, b)
+        return
+    if na == nb == 0:  # two non-channel dims (a residual add's spatial dims)
         return
     az, bz = a == 0, b == 0
     both = ~az & ~bz

@@ -1017,16 +1017,17 @@ def _partition(cg):
 
 
 @pytest.mark.parametrize("name", ["residual", "grouped", "norms", "shared", "loose_params", "flatten_linear",
-                                  "mha_batch_first", "hand_attention", "convs", "resnet18"])
+                                  "mha_batch_first", "hand_attention", "convs", "resnet18", "swin_t"])
 def test_layers_sharing_their_input_labels_split_channels_as_unification_does(name, monkeypatch):
-    """A conv or linear weight's input dim (and a bias) carries, when first seen, the very label
-    array the rule unifies it with, instead of fresh atoms united with it: the channel classes,
-    units and pins must be those the unification makes."""
+    """A conv or linear weight's input dim, a bias and a LayerNorm's parameters carry, when first
+    seen, the very label array the rule unifies them with, instead of fresh atoms united with
+    it: the channel classes, units and pins must be those the unification makes."""
     import torchvision
 
     from passes.channels import Ctx
 
-    model, x = (torchvision.models.resnet18(weights=None).eval(), image(s=64)) if name == "resnet18" else _build(name)
+    model, x = (torchvision.models.get_model(name, weights=None).eval(), image(s=64)) if name in ("resnet18", "swin_t") \
+        else _build(name)
     shared = _partition(passes.analyze(model, x))
     plain = Ctx.tensor_labels
     monkeypatch.setattr(Ctx, "tensor_labels", lambda self, t, name=None, share=None: plain(self, t, name))

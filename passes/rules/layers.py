@@ -227,7 +227,7 @@ def _layer_norm(ctx, node):
     x = ctx.labels(node.args[0])
     k = len(m.normalized_shape)
     for name in ("weight", "bias"):
-        p = ctx.param(m, name)
+        p = ctx.param(m, name, dict(enumerate(x[-k:])))  # the arrays they are unified with
         if p is not None:
             for a, b in zip(x[-k:], p):
                 ctx.unify(a, b, ctx.why("norm parameter"))
