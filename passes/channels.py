@@ -465,7 +465,7 @@ def _flat(v: Any):
 
 def _labelled(arr: np.ndarray) -> bool:
     """Some position of `arr` is a channel (a labelled dim's first position usually is)."""
-    return len(arr) > 0 and (arr[0] != 0 or arr.any())
+    return len(arr) > 0 and (arr[0] != 0 or np.count_nonzero(arr) > 0)
 
 
 def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
@@ -502,11 +502,9 @@ def _finish(traced: Traced, ctx: Ctx) -> ChannelGraph:
         r = roots[np.concatenate([a for _, a in dims])]
         dim = np.repeat(np.arange(len(dims)), lengths)
         ok = ~pinned[r] & in_act[r]
-        r, dim = r[ok], dim[ok]
-        order = np.lexsort((r, dim))
-        r, dim = r[order], dim[order]
+        r, dim = r[ok], dim[ok]  # dim ascending: each dim's classes are one run
         starts = np.flatnonzero(np.concatenate([[True], dim[1:] != dim[:-1]])) if r.size else np.zeros(0, np.int64)
-        first = r[starts]  # smallest class of each dim
+        first = np.minimum.reduceat(r, starts) if r.size else r  # smallest class of each dim (no sort)
         in_producer[r] = True
         groups_uf.union(np.repeat(first, np.diff(np.append(starts, r.size))), r)
         for root, i in zip(first.tolist(), dim[starts].tolist()):
