@@ -56,8 +56,14 @@ def _pointwise(kernel: tuple, stride, padding, output_padding=0) -> list[bool]:
             zip(kernel, _per_dim(stride, n), _per_dim(padding, n), _per_dim(output_padding, n))]
 
 
+def _channel_dim(x, spatial: int) -> int:
+    """The channel dim of a conv's input labels `x` with `spatial` kernel dims: 1 for a batched
+    input, 0 for an unbatched one."""
+    return len(x) - spatial - 1
+
+
 def conv_labels(ctx, node, x, w, b, groups, pointwise):
-    ch = len(x) - (len(w) - 2) - 1  # 1 for batched input, 0 for unbatched
+    ch = _channel_dim(x, len(w) - 2)
     reason = ctx.why("conv input meets a non-channel dim")
     if groups == 1:
         ctx.unify(x[ch], w[1], reason)
@@ -84,7 +90,7 @@ def _conv(ctx, node):
     x = ctx.labels(node.args[0])
     kernel = tuple(m.kernel_size)
     # the weight's input dim and the bias carry the arrays they are unified with (`tensor_labels`)
-    w = ctx.param(m, "weight", {1: x[len(x) - len(kernel) - 1]} if m.groups == 1 else None)
+    w = ctx.param(m, "weight", {1: x[_channel_dim(x, len(kernel))]} if m.groups == 1 else None)
     b = ctx.param(m, "bias", {0: w[0]})
     ctx.mark_passive(m, "weight", 1)
     return conv_labels(ctx, node, x, w, b, m.groups, _pointwise(kernel, m.stride, m.padding))
@@ -116,7 +122,7 @@ def _conv_t(ctx, node):
         return UNKNOWN.labels(ctx, node)
     x = ctx.labels(node.args[0])
     w, b = ctx.param(m, "weight"), ctx.param(m, "bias")  # weight: [in, out, k...]
-    ch = len(x) - (len(w) - 2) - 1
+    ch = _channel_dim(x, len(w) - 2)
     ctx.unify(x[ch], w[0], ctx.why("conv input meets a non-channel dim"))
     ctx.mark_passive(m, "weight", 0)
     if b is not None:
